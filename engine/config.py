@@ -1,0 +1,207 @@
+"""Typed run configs: model, masking, training and fine-tuning, loaded from TOML.
+
+A run config file may also hold the schema tables ([data], [segments.*], [[user_attributes]]),
+as configs/paper.toml does; those are read by :func:`tokenizer.schema.load_schema`.
+Every table here is optional and defaults to the paper's settings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from tokenizer.schema import SchemaConfig, schema_from_dict
+from tokenizer.typed_config import ConfigError, from_dict, read_toml, to_dict
+
+log = logging.getLogger("userbert")
+
+Impl = Literal["auto", "triton", "torch"]
+
+
+@dataclass
+class ModelConfig:
+    hidden: int = 128  # H
+    layers: int = 4  # L
+    heads: int = 4  # A
+    ffn_mult: int = 4  # feed-forward width = ffn_mult * H, as in BERT
+    dropout: float = 0.1
+    attn_dropout: float = 0.1
+    layer_norm_eps: float = 1e-12
+    init_std: float = 0.02
+    kernel_impl: Impl = "auto"  # auto: Triton on CUDA, torch elsewhere
+
+    def __post_init__(self) -> None:
+        for key in ("hidden", "layers", "heads", "ffn_mult"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.hidden % self.heads:
+            raise ConfigError(f"heads: hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        for key in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"{key}: must be in [0, 1), got {getattr(self, key)}")
+
+
+@dataclass
+class MaskingConfig:
+    select_prob: float = 0.15  # share of behaviour words selected per user
+    zero_prob: float = 0.8  # share of selected words whose token vector is zeroed
+    normalize_labels: bool = True  # target y/|y| (a distribution); False: the unnormalised multi-hot sum
+    # "mean": summed over heads, averaged over masked words (Adam is invariant to this constant up
+    # to eps, and it keeps clipping thresholds batch-size independent); "sum": the paper's literal sum.
+    loss_reduction: Literal["mean", "sum"] = "mean"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.select_prob <= 1.0:
+            raise ConfigError(f"select_prob: must be in (0, 1], got {self.select_prob}")
+        if not 0.0 <= self.zero_prob <= 1.0:
+            raise ConfigError(f"zero_prob: must be in [0, 1], got {self.zero_prob}")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16  # global batch, in users (paper: 16)
+    steps: int = 400_000  # optimizer steps (paper: 400K batches)
+    lr: float = 1e-4  # Adam, as in the paper
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    grad_clip: float = 1.0  # 0 disables clipping
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 0  # 0: only at the end
+    max_seconds: float = 0.0  # stop early after this wall time (0: no limit)
+    device: str = "auto"  # auto: cuda if available, else cpu
+    num_threads: int = 0  # torch CPU threads (0: torch's default)
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "steps", "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        if self.warmup_steps < 0 or self.checkpoint_every < 0 or self.grad_clip < 0:
+            raise ConfigError("warmup_steps, checkpoint_every and grad_clip must be >= 0")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"betas: expected two values in [0, 1), got {list(self.betas)}")
+
+
+@dataclass
+class FinetuneConfig:
+    batch_size: int = 128  # paper: 128
+    epochs: int = 10
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    head_lr_mult: float = 10.0  # the fresh task head learns faster than the pretrained encoder
+    val_fraction: float = 0.2  # 80/20 split by user
+    patience: int = 3  # early stopping on the validation metric
+    freeze_encoder: bool = False  # feature-based mode
+    seed: int = 0
+    next_attribute: str = "long.genre"  # the segment.attribute whose vocabulary next-item ranks over
+    max_train_users: int = 0  # 0: all labelled users of the train split
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.epochs < 1:
+            raise ConfigError("batch_size and epochs: must be >= 1")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction: must be in (0, 1), got {self.val_fraction}")
+        if "." not in self.next_attribute:
+            raise ConfigError(f"next_attribute: expected '<segment>.<attribute>', got {self.next_attribute!r}")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    schema: SchemaConfig | None = None  # present when the file carries [data]/[segments]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: to_dict(getattr(self, k)) for k in ("model", "masking", "train", "finetune")}
+        if self.schema is not None:
+            d.update(self.schema.to_dict())
+        return d
+
+    def log(self, logger: logging.Logger = log) -> None:
+        logger.info("config: %s", json.dumps(self.to_dict(), sort_keys=True))
+
+
+_SCHEMA_TABLES = ("data", "segments", "user_attributes")
+
+
+def config_from_dict(raw: dict[str, Any], base_dir: str | Path = ".", where: str = "config") -> RunConfig:
+    unknown = set(raw) - {"model", "masking", "train", "finetune", *_SCHEMA_TABLES}
+    if unknown:
+        raise ConfigError(f"{where}: {sorted(unknown)[0]}: unknown top-level table "
+                          "(known: model, masking, train, finetune, data, segments, user_attributes)")
+    parts = {k: raw[k] for k in ("model", "masking", "train", "finetune") if k in raw}
+    cfg = from_dict(RunConfig, parts, where)
+    if any(k in raw for k in _SCHEMA_TABLES):
+        cfg.schema = schema_from_dict(raw, base_dir, where)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load a run config (defaults when ``path`` is None), then apply dotted overrides."""
+    raw: dict[str, Any] = {}
+    base = Path(".")
+    if path is not None:
+        path = Path(path)
+        raw = read_toml(path)
+        base = path.parent
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    where = str(path) if path is not None else "config"
+    return config_from_dict(raw, base, where)
+
+
+@dataclass
+class SegmentVocab:
+    """What the model must know about one tokenized segment (read from the manifest)."""
+
+    name: str
+    attributes: list[str]
+    vocab_sizes: list[int]  # per attribute, the two reserved ids included
+    dims: list[int]  # per attribute embedding width; the token vector is their concatenation
+    num_positions: int  # size of the position table
+    max_words: int
+
+
+@dataclass
+class VocabSpec:
+    """The data-dependent shape of a model: segments, vocabularies, user attributes."""
+
+    segments: list[SegmentVocab]
+    user_attributes: list[str] = field(default_factory=list)
+    user_vocab_sizes: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> VocabSpec:
+        segs = [
+            SegmentVocab(name=name, attributes=list(s["attributes"]), vocab_sizes=list(s["vocab_sizes"]),
+                         dims=list(s["dims"]), num_positions=int(s["num_positions"]), max_words=int(s["max_words"]))
+            for name, s in manifest["segments"].items()
+        ]
+        ua = manifest.get("user_attributes", {"names": [], "vocab_sizes": []})
+        return cls(segs, list(ua["names"]), list(ua["vocab_sizes"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VocabSpec:
+        return from_dict(cls, d, "vocab_spec")
+
+    def segment(self, name: str) -> SegmentVocab:
+        for s in self.segments:
+            if s.name == name:
+                return s
+        raise KeyError(f"no segment {name!r} (have: {[s.name for s in self.segments]})")
