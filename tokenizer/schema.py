@@ -182,8 +182,14 @@ class SchemaConfig:
         start, end = self.window_seconds(seg)
         if seg.position_unit == "hour":
             return (end - start + 3599) // 3600
-        # Daily positions count 04:00-to-04:00 days; a window that starts mid-day touches one more.
-        return (end - start + 86399) // 86400 + 1
+        # Daily positions count wall-clock 04:00-to-04:00 days, so count them in local time: a window
+        # across a DST switch can touch one more day than its length in UTC suggests.
+        def day(t: int) -> int:
+            local = dt.datetime.fromtimestamp(t, zoneinfo.ZoneInfo(self.data.timezone))
+            offset = int(local.utcoffset().total_seconds())
+            return (t + offset - seg.day_start_hour * 3600) // 86400
+
+        return day(end - 1) - day(start) + 1
 
     def resolve(self, path: str) -> Path:
         p = Path(path)
@@ -228,7 +234,7 @@ def load_schema(path: str | Path) -> SchemaConfig:
     """Load a schema file; other tables (a full run config's [model] etc.) are ignored here."""
     path = Path(path)
     raw = read_toml(path)
-    unknown = set(raw) - {"data", "segments", "user_attributes", "model", "masking", "train", "finetune"}
+    unknown = set(raw) - {"data", "segments", "user_attributes", "model", "masking", "train", "finetune", "demo"}
     if unknown:
         raise ConfigError(f"{path}: {sorted(unknown)[0]}: unknown top-level table")
     try:

@@ -1,0 +1,30 @@
+"""Root conftest: test-wide environment and the `--benchmark` alias.
+
+TRITON_INTERPRET must be set before any @triton.jit function is defined, so it is set here,
+before pytest imports any test module: on a CPU-only machine the Triton kernels then run in
+Triton's interpreter on CPU tensors (DESIGN.md §4).
+"""
+
+import os
+
+import pytest
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.path.dirname(__file__), ".numba_cache"))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--benchmark",
+        action="store_true",
+        default=False,
+        help="alias for `--benchmark-only`: run only the benchmarks (pytest benchmarks/ --benchmark-only)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--benchmark", default=False):
+        # Same run as `pytest benchmarks/ --benchmark-only`.
+        config.option.benchmark_only = True
+        if not config.args or config.args == [str(config.rootpath)]:
+            config.args = [str(config.rootpath / "benchmarks")]

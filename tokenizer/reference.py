@@ -1,0 +1,112 @@
+"""A slow, obviously-correct restatement of the tokenizer rules, for tests only.
+
+Plain Python over lists, with :mod:`datetime` and :mod:`zoneinfo` for local time, and no code
+shared with the fast path (no numpy, no pyarrow, no Numba).  docs/FORMATS.md §2 and §3 are the
+specification; each function below follows one paragraph of it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import zoneinfo
+from collections import Counter
+from typing import Any
+
+_UTC = dt.UTC
+
+
+def local_datetime(t: int, timezone: str) -> dt.datetime:
+    """The wall-clock time in ``timezone`` at UTC epoch second ``t``."""
+    return dt.datetime.fromtimestamp(t, tz=_UTC).astimezone(zoneinfo.ZoneInfo(timezone))
+
+
+def day_key(t: int, timezone: str, day_start_hour: int) -> int:
+    """Which day (as a proleptic ordinal) the local time falls in, days starting at day_start_hour."""
+    local = local_datetime(t, timezone).replace(tzinfo=None)
+    return (local - dt.timedelta(hours=day_start_hour)).date().toordinal()
+
+
+def hour_of_day(t: int, timezone: str) -> int:
+    return local_datetime(t, timezone).hour
+
+
+def weekday(t: int, timezone: str) -> int:
+    return local_datetime(t, timezone).weekday()
+
+
+def bucket(x: float | None, buckets: list[float]) -> int | None:
+    """Index of the first boundary greater than x (x < b[0] -> 0, x >= b[-1] -> len(b))."""
+    if x is None or x != x:  # None or NaN
+        return None
+    return sum(1 for b in buckets if x >= b)
+
+
+def user_words(
+    times: list[int],
+    *,
+    rule: str,
+    position_unit: str,
+    timezone: str,
+    window_start_utc: int,
+    day_start_hour: int = 4,
+    gap_minutes: float = 30.0,
+    max_words: int = 128,
+    max_actions_per_word: int = 32,
+) -> list[tuple[int, list[int]]]:
+    """One user's words: [(position, [indices into ``times`` of the kept actions])].
+
+    ``times`` are the user's events in input order; they are ordered here by (time, input order).
+    """
+    order = sorted(range(len(times)), key=lambda i: (times[i], i))
+    words: list[list[int]] = []
+    for j, i in enumerate(order):
+        if j == 0:
+            new = True
+        elif rule == "daily":
+            prev = order[j - 1]
+            new = day_key(times[i], timezone, day_start_hour) != day_key(
+                times[prev], timezone, day_start_hour
+            )
+        else:
+            new = times[i] - times[order[j - 1]] > gap_minutes * 60
+        if new:
+            words.append([i])
+        else:
+            words[-1].append(i)
+
+    start_day = day_key(window_start_utc, timezone, day_start_hour)
+    out = []
+    for word in words[-max_words:]:  # truncation: keep the last max_words words
+        first = times[word[0]]
+        if position_unit == "hour":
+            pos = (first - window_start_utc) // 3600
+        else:
+            pos = day_key(first, timezone, day_start_hour) - start_day
+        out.append((pos, word[-max_actions_per_word:]))  # cap: keep the last actions
+    return out
+
+
+def all_words(users: list[Any], times: list[int], **rules: Any) -> dict[Any, list[tuple[int, list[int]]]]:
+    """Words of every user; action indices refer to positions in the input lists."""
+    by_user: dict[Any, list[int]] = {}
+    for i, u in enumerate(users):
+        by_user.setdefault(u, []).append(i)
+    out = {}
+    for u in sorted(by_user):
+        rows = by_user[u]
+        words = user_words([times[i] for i in rows], **rules)
+        out[u] = [(pos, [rows[i] for i in idx]) for pos, idx in words]
+    return out
+
+
+def vocabulary(values: list[Any], min_count: int = 1, max_vocab: int | None = None) -> list[Any]:
+    """Known values in id order (id = index + 2): count descending, then value ascending."""
+    counts = Counter(v for v in values if v is not None)
+    known = sorted((v for v, c in counts.items() if c >= min_count), key=lambda v: (-counts[v], v))
+    return known if max_vocab is None else known[: max(0, max_vocab - 2)]
+
+
+def encode(value: Any, vocab: list[Any]) -> int:
+    """Id of a value: 2.. for known values, 1 for null and unknown."""
+    ids = {v: i + 2 for i, v in enumerate(vocab)}
+    return 1 if value is None else ids.get(value, 1)
