@@ -50,9 +50,10 @@ def _check_inputs(tables: list[torch.Tensor], attr_ids: torch.Tensor, word_offse
             raise ValueError(f"{OP}: tables[{k}] must be [V_k, D_k], got {list(t.shape)}")
         if t.dtype != dtype or t.device != device:
             raise TypeError(f"{OP}: tables[{k}] is {t.dtype} on {t.device}, tables[0] is {dtype} on {device}")
-    if word_offsets.device.type == "cpu" and int(word_offsets[-1]) != attr_ids.shape[0]:
-        raise ValueError(f"{OP}: word_offsets[-1] = {int(word_offsets[-1])} but attr_ids has "
-                         f"{attr_ids.shape[0]} actions")
+    if word_offsets.device.type == "cpu" and (int(word_offsets[0]) != 0
+                                              or int(word_offsets[-1]) != attr_ids.shape[0]):
+        raise ValueError(f"{OP}: word_offsets must run from 0 to n_actions = {attr_ids.shape[0]}, got "
+                         f"{int(word_offsets[0])} .. {int(word_offsets[-1])}")
 
 
 class _GatherConcatMeanTorch(torch.autograd.Function):

@@ -55,9 +55,10 @@ def _check_inputs(hidden, weight, bias, label_offsets, label_ids) -> None:
     for name, t in (("label_offsets", label_offsets), ("label_ids", label_ids)):
         if t.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"{OP}: {name} must be int32 or int64, got {t.dtype}")
-    if label_offsets.device.type == "cpu" and int(label_offsets[-1]) != label_ids.shape[0]:
-        raise ValueError(f"{OP}: label_offsets[-1] = {int(label_offsets[-1])} but there are "
-                         f"{label_ids.shape[0]} label ids")
+    if label_offsets.device.type == "cpu" and (int(label_offsets[0]) != 0
+                                               or int(label_offsets[-1]) != label_ids.shape[0]):
+        raise ValueError(f"{OP}: label_offsets must run from 0 to nnz = {label_ids.shape[0]}, got "
+                         f"{int(label_offsets[0])} .. {int(label_offsets[-1])}")
 
 
 def _chunk_rows(n_rows: int, vocab: int, chunk_rows: int | None) -> int:

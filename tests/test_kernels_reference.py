@@ -331,3 +331,14 @@ def test_dispatch(monkeypatch):
     with pytest.raises(NotImplementedError, match="impl='torch'"):
         multi_label_softmax_ce(torch.randn(2, 3), torch.randn(5, 3), None, torch.tensor([0, 1, 1]),
                                torch.tensor([2]), impl="triton")
+
+
+def test_multi_label_ce_rejects_bad_inputs():
+    h, w = torch.randn(3, 4), torch.randn(5, 4)
+    ids = torch.tensor([1, 2], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"label_offsets must be \[M \+ 1 = 4\]"):
+        multi_label_softmax_ce_reference(h, w, None, torch.tensor([0, 1, 2], dtype=torch.int32), ids)
+    with pytest.raises(ValueError, match="from 0 to nnz = 2"):
+        multi_label_softmax_ce_reference(h, w, None, torch.tensor([0, 1, 2, 3], dtype=torch.int32), ids)
+    with pytest.raises(ValueError, match=r"weight \[V, H\]"):
+        multi_label_softmax_ce_reference(h, torch.randn(5, 3), None, torch.tensor([0, 1, 2, 2]), ids)
