@@ -90,7 +90,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if args.freeze_encoder:
         cfg.finetune.freeze_encoder = True
     result = finetune(data, td, cfg.finetune, encoder, out_dir=args.out, device=cfg.train.device,
-                      progress=not args.quiet, init_name="scratch" if args.init == "none" else "pretrained")
+                      progress=not args.quiet, init_name="scratch" if args.init == "none" else "pretrained",
+                      pretrained=args.init != "none")
     print(json.dumps({"best": result.best, "best_epoch": result.best_epoch, "popular": result.popular}, indent=2))
     return 0
 

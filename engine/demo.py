@@ -46,7 +46,8 @@ def run_demo(cfg: RunConfig, out_dir: str | Path, *, work_dir: str | Path | None
     with tempfile.TemporaryDirectory(prefix="userbert-demo-") as tmp:
         work = Path(work_dir) if work_dir is not None else Path(tmp)
         t = time.perf_counter()
-        generate(work / "raw", cfg.demo.users, seed=cfg.demo.seed, progress=progress)
+        generate(work / "raw", cfg.demo.users, seed=cfg.demo.seed, n_genres=cfg.demo.genres, n_shops=cfg.demo.shops,
+                 progress=progress)
         seconds["synth"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -67,7 +68,7 @@ def run_demo(cfg: RunConfig, out_dir: str | Path, *, work_dir: str | Path | None
             for init_name, init in (("pretrained", pre.model_dir), ("scratch", None)):
                 encoder = build_encoder(init, cfg.model, VocabSpec.from_manifest(data.manifest))
                 results[init_name] = finetune(data, td, cfg.finetune, encoder, device=cfg.train.device,
-                                              progress=progress, init_name=init_name)
+                                              progress=progress, init_name=init_name, pretrained=init is not None)
             for init_name, r in results.items():
                 rows.append({"task": name, "type": task, "model": init_name, "n_train": r.n_train,
                              "n_val": r.n_val, "best_epoch": r.best_epoch,

@@ -136,22 +136,26 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
 class TaskModel(nn.Module):
     """UserBERT encoder + a linear head on the first token's hidden state."""
 
-    def __init__(self, encoder: UserBERT, n_outputs: int):
+    def __init__(self, encoder: UserBERT, n_outputs: int, pooling: str = "cls"):
         super().__init__()
         self.encoder = encoder
+        self.pooling = pooling
         hidden = encoder.cfg.hidden
         self.head = nn.Linear(hidden, n_outputs)
         nn.init.normal_(self.head.weight, std=encoder.cfg.init_std)
         nn.init.zeros_(self.head.bias)
 
+    def embed(self, batch) -> torch.Tensor:
+        return self.encoder.user_embedding(batch, self.pooling)  # [B, H]
+
     def forward(self, batch) -> torch.Tensor:
-        return self.head(self.encoder.user_embedding(batch))  # [B, n_outputs]
+        return self.head(self.embed(batch))  # [B, n_outputs]
 
 
 def task_loss(model: TaskModel, batch, td: TaskData, index: np.ndarray, impl: str) -> torch.Tensor:
     """Mean loss over the batch; ``index`` are the batch users' positions in ``td``."""
     if td.task == "next":
-        h = model.encoder.user_embedding(batch)  # [B, H]
+        h = model.embed(batch)  # [B, H]
         lo, li = _csr_rows(td.label_offsets, td.label_ids, index)
         per_row = multi_label_softmax_ce(h, model.head.weight, model.head.bias, torch.from_numpy(lo).to(h.device),
                                          torch.from_numpy(li).to(h.device), normalize=True, impl=impl)
@@ -230,7 +234,7 @@ def build_encoder(init: str | Path | None, model_cfg: ModelConfig, spec: VocabSp
 
 def finetune(data: TokenizedData, td: TaskData, ft: FinetuneConfig, encoder: UserBERT, *,
              out_dir: str | Path | None = None, device: str = "auto", progress: bool = True,
-             init_name: str = "") -> FinetuneResult:
+             init_name: str = "", pretrained: bool = False) -> FinetuneResult:
     """Fine-tune ``encoder`` + a fresh head on ``td`` with early stopping on the validation metric."""
     torch.manual_seed(ft.seed)
     dev = resolve_device(device)
@@ -240,7 +244,20 @@ def finetune(data: TokenizedData, td: TaskData, ft: FinetuneConfig, encoder: Use
     train, val = td.subset(train_idx), td.subset(val_idx)
     spec = encoder.spec
     collator = Collator(data, user_attr_offsets(spec), CollateConfig(select_prob=0.0))
-    model = TaskModel(encoder, td.n_outputs).to(dev)
+    model = TaskModel(encoder, td.n_outputs, ft.pooling).to(dev)
+    if td.task == "next" and ft.init_head_from_pretext and pretrained:
+        seg, _, attr = ft.next_attribute.partition(".")
+        pretext = encoder.pretrain_head(seg, attr)
+        if pretext.weight.shape != model.head.weight.shape:
+            raise ValueError(f"finetune.next_attribute {ft.next_attribute}: pretext head has "
+                             f"{pretext.weight.shape[0]} outputs, the task has {td.n_outputs}")
+        with torch.no_grad():
+            model.head.weight.copy_(pretext.weight)
+            model.head.bias.copy_(pretext.bias)
+    if ft.dropout is not None:
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = ft.dropout
     if ft.freeze_encoder:
         for p in model.encoder.parameters():
             p.requires_grad_(False)

@@ -52,9 +52,24 @@ class UserBERT(nn.Module):
         """Final hidden states ``[B, T, H]`` (padding rows hold values that mean nothing)."""
         return self.encoder(self.embeddings(batch), batch.padding_mask())
 
-    def user_embedding(self, batch: Batch) -> torch.Tensor:
-        """The CLS hidden state ``[B, H]``: the user representation fine-tuning and `embed` use."""
-        return self.encode(batch)[:, 0]
+    def user_embedding(self, batch: Batch, pooling: str = "cls") -> torch.Tensor:
+        """The user representation ``[B, H]`` that fine-tuning and `embed` use.
+
+        "cls": the first token's hidden state, as in the paper.  "mean": the mean of the final hidden
+        states of all of the user's real tokens; those of words are trained by the pretext task to
+        describe their word, so their mean summarises the whole history without any fine-tuning.
+        """
+        hidden = self.encode(batch)  # [B, T, H]
+        if pooling == "cls":
+            return hidden[:, 0]
+        if pooling != "mean":
+            raise ValueError(f"pooling: expected 'cls' or 'mean', got {pooling!r}")
+        real = batch.padding_mask().unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
+        return (hidden * real).sum(dim=1) / real.sum(dim=1)
+
+    def pretrain_head(self, segment: str, attribute: str) -> nn.Linear:
+        """The pretext head of one attribute (fine-tuning over the same vocabulary may start from it)."""
+        return self.heads.heads[segment][attribute]
 
     def pretrain_loss(self, batch: Batch, masking: MaskingConfig) -> tuple[torch.Tensor, dict[str, float]]:
         """The masked multi-label loss and statistics.

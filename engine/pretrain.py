@@ -99,7 +99,8 @@ def pretrain(cfg: RunConfig, data_dir: str | Path, run_dir: str | Path, *, progr
     step = 0
     try:
         model.train()
-        for step, batch in pretrain_batches(collator, tc.batch_size, tc.seed, users=users):
+        for step, batch in pretrain_batches(collator, tc.batch_size, tc.seed, users=users,
+                                                group_by_length=tc.group_by_length):
             if step >= tc.steps or (tc.max_seconds and time.perf_counter() - start > tc.max_seconds):
                 break
             batch = to_device(batch, device)

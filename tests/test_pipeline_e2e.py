@@ -1,0 +1,141 @@
+"""End to end on tiny synthetic data: pretrain lowers the loss, export round-trips, fine-tuning,
+embedding export, the demo's stages, and the CLI."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from cli.main import build_parser, main
+from engine.checkpoint import load_model_description, load_weights, save_model
+from engine.config import VocabSpec, load_config
+from engine.data import epoch_plan
+from engine.demo import run_demo
+from engine.embed import export_embeddings
+from engine.finetune import build_encoder, finetune, load_task
+from engine.model import UserBERT
+from engine.pretrain import pretrain
+from tokenizer.pipeline import tokenize
+from tokenizer.schema import load_schema
+from tokenizer.shards import open_tokenized
+from tokenizer.synthetic import generate
+
+TINY = {"model.hidden": 32, "model.layers": 1, "model.heads": 2, "model.dropout": 0.0, "model.attn_dropout": 0.0,
+        "train.batch_size": 16, "train.lr": 3e-3, "train.device": "cpu", "train.log_every": 1,
+        "finetune.epochs": 2, "finetune.batch_size": 32}
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    generate(root / "raw", 400, seed=1, n_genres=60, n_shops=200, progress=False)
+    tokenize(load_schema(root / "raw" / "schema.toml"), root / "tok", shard_users=150, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def pretrained(tok):
+    cfg = load_config(None, {**TINY, "train.steps": 80})
+    return pretrain(cfg, tok / "tok", tok / "run", progress=False)
+
+
+def test_pretraining_lowers_the_loss(pretrained):
+    losses = np.array(pretrained.losses)
+    assert len(losses) == 80 and np.isfinite(losses).all()
+    assert losses[-10:].mean() < 0.85 * losses[:10].mean()
+    rows = [json.loads(line) for line in (pretrained.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 80 and {"loss", "lr", "grad_norm", "users_per_s", "loss/long.genre"} <= set(rows[0])
+    assert (pretrained.run_dir / "loss.png").stat().st_size > 1000
+    assert any((pretrained.run_dir / "tensorboard").iterdir())
+
+
+def test_export_round_trips_and_is_not_pickle(pretrained, tok):
+    model_cfg, spec, desc = load_model_description(pretrained.model_dir)
+    assert desc["meta"]["steps"] == 80
+    assert (pretrained.model_dir / "model.safetensors").read_bytes()[:8] != b"\x80\x04\x95"  # not a pickle
+    model = UserBERT(model_cfg, spec)
+    model.load_state_dict(load_weights(pretrained.model_dir))
+    again = tok / "again"
+    save_model(again, model, model_cfg, spec)
+    a, b = load_weights(pretrained.model_dir), load_weights(again)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finetune_next_and_binary(pretrained, tok):
+    data = open_tokenized(tok / "tok")
+    spec = VocabSpec.from_manifest(data.manifest)
+    cfg = load_config(None, TINY)
+    td = load_task(tok / "raw" / "labels" / "next_genre.parquet", data, "next", "long.genre")
+    assert td.n_outputs == spec.segment("long").vocab_sizes[spec.segment("long").attributes.index("genre")]
+    res = finetune(data, td, cfg.finetune, build_encoder(pretrained.run_dir, cfg.model, spec), progress=False,
+                   pretrained=True, out_dir=tok / "ft")
+    assert 0.0 < res.best["map@10"] <= 1.0 and len(res.history) >= 1
+    assert json.loads((tok / "ft" / "result.json").read_text())["task"] == "next"
+    td = load_task(tok / "raw" / "labels" / "is_parent.parquet", data, "binary")
+    res = finetune(data, td, cfg.finetune, build_encoder(None, cfg.model, spec), progress=False)
+    assert 0.0 <= res.best["auc"] <= 1.0 and res.popular["auc"] == 0.5
+
+
+def test_finetune_rejects_a_model_from_other_data(pretrained, tmp_path):
+    generate(tmp_path / "raw", 120, seed=9, n_genres=40, n_shops=90, progress=False)
+    tokenize(load_schema(tmp_path / "raw" / "schema.toml"), tmp_path / "tok", progress=False)
+    spec = VocabSpec.from_manifest(open_tokenized(tmp_path / "tok").manifest)
+    with pytest.raises(ValueError, match="other segments or vocabularies"):
+        build_encoder(pretrained.run_dir, None, spec)
+
+
+def test_embed_writes_one_row_per_user(pretrained, tok):
+    out = tok / "emb.parquet"
+    n = export_embeddings(tok / "tok", pretrained.run_dir, out, batch_size=64, progress=False, rows_per_group=150)
+    table = pq.read_table(out)
+    data = open_tokenized(tok / "tok")
+    assert n == table.num_rows == data.num_users
+    assert table.column("user_id").to_pylist() == data.user_ids.to_pylist()
+    emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    assert emb.shape == (n, 32) and np.isfinite(emb).all() and emb.std(0).min() > 0
+
+
+def test_epoch_plan_splits_ranks_disjointly_and_groups_lengths():
+    lengths = np.random.default_rng(0).integers(0, 100, 1000)
+    plans = [epoch_plan(1000, 8, seed=3, epoch=1, rank=r, world_size=4, lengths=lengths) for r in range(4)]
+    seen = np.concatenate([b for p in plans for b in p])
+    assert len(seen) == len(np.unique(seen)) == (1000 // 32) * 32
+    assert all(len(b) == 8 for p in plans for b in p)
+    grouped = epoch_plan(1000, 32, seed=3, epoch=1, lengths=lengths)
+    plain = epoch_plan(1000, 32, seed=3, epoch=1)
+    waste = lambda plan: np.mean([1 - lengths[b].mean() / max(lengths[b].max(), 1) for b in plan])
+    assert waste(grouped) < 0.5 * waste(plain)
+    assert not np.array_equal(epoch_plan(1000, 32, 3, 2, lengths=lengths)[0], grouped[0])  # reshuffled per epoch
+
+
+def test_demo_stages_on_a_tiny_config(tmp_path):
+    cfg = load_config(None, {**TINY, "train.steps": 15, "finetune.epochs": 1, "demo.users": 200,
+                             "demo.genres": 40, "demo.shops": 80, "demo.shard_users": 100})
+    result = run_demo(cfg, tmp_path / "out", progress=False)
+    models = {(r["task"], r["model"]) for r in result.rows}
+    for task in ("next_genre", "is_parent", "targeting"):
+        assert {(task, m) for m in ("pretrained", "scratch", "popular")} <= models
+    text = result.report.read_text()
+    assert "| next_genre | pretrained |" in text and (tmp_path / "out" / "pretrain" / "loss.png").exists()
+    assert set(result.seconds) == {"synth", "tokenize", "pretrain", "finetune"}
+
+
+def test_cli_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    for cmd in ("synth", "tokenize", "pretrain", "finetune", "evaluate", "embed", "demo"):
+        assert cmd in out
+
+
+def test_cli_synth_tokenize_and_config_errors(tmp_path, caplog):
+    assert main(["synth", "--users", "50", "--seed", "2", "--out", str(tmp_path / "raw"), "-q"]) == 0
+    assert main(["tokenize", "--schema", str(tmp_path / "raw" / "schema.toml"), "--out", str(tmp_path / "tok"),
+                 "-q"]) == 0
+    assert json.loads((tmp_path / "tok" / "manifest.json").read_text())["counts"]["users"] == 50
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\nlayers = 'four'\n")
+    rc = main(["pretrain", "--data", str(tmp_path / "tok"), "--out", str(tmp_path / "run"), "--config", str(bad)])
+    assert rc == 2 and "model.layers: expected int" in caplog.text
