@@ -125,10 +125,12 @@ def pretrain(cfg: RunConfig, data_dir: str | Path, run_dir: str | Path, *, progr
             bar.update(1)
             if step % tc.log_every == 0 or step == tc.steps - 1:
                 elapsed = time.perf_counter() - start
-                record = {"loss": losses[-1], "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                          "users_per_s": users_seen / elapsed, **stats}
+                # The mean since the last record: single-step losses of length-grouped batches are noisy.
+                window = losses[-(tc.log_every if step else 1):]
+                record = {"loss": sum(window) / len(window), "step_loss": losses[-1], "lr": scheduler.get_last_lr()[0],
+                          "grad_norm": float(grad_norm), "users_per_s": users_seen / elapsed, **stats}
                 metrics.log(step, record)
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", users_s=f"{record['users_per_s']:.0f}")
+                bar.set_postfix(loss=f"{record['loss']:.3f}", users_s=f"{record['users_per_s']:.0f}")
     finally:
         bar.close()
         metrics.close()
