@@ -115,8 +115,8 @@ def load_task(labels_path: str | Path, data: TokenizedData, task: Task, next_att
         if (~keep).any():
             log.warning("%s: %d label items are not in the %s vocabulary", labels_path, int((~keep).sum()),
                         next_attribute)
-        new_lens = np.add.reduceat(keep.astype(np.int64), offsets[:-1]) if len(ids) else lens * 0
-        new_lens = np.where(lens > 0, new_lens, 0)
+        kept = np.concatenate([[0], np.cumsum(keep)])
+        new_lens = kept[offsets[1:]] - kept[offsets[:-1]]  # known items per user
         label_ids = (ids[keep] + FIRST_ID).astype(np.int32)
         label_offsets = np.concatenate([[0], np.cumsum(new_lens)]).astype(np.int64)
         has = new_lens > 0

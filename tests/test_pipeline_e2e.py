@@ -139,3 +139,19 @@ def test_cli_synth_tokenize_and_config_errors(tmp_path, caplog):
     bad.write_text("[model]\nlayers = 'four'\n")
     rc = main(["pretrain", "--data", str(tmp_path / "tok"), "--out", str(tmp_path / "run"), "--config", str(bad)])
     assert rc == 2 and "model.layers: expected int" in caplog.text
+
+
+def test_next_labels_drop_unknown_items_and_empty_users(tok, tmp_path):
+    import pyarrow as pa
+
+    data = open_tokenized(tok / "tok")
+    genres = data.vocab("long", "genre").to_pylist()
+    users = data.user_ids.to_pylist()
+    labels = pa.table({"user_id": users[:4] + [123456789],
+                       "label": [[genres[0], "no-such-genre"], [], [genres[1], genres[2]], ["nope"], [genres[0]]]})
+    pq.write_table(labels, tmp_path / "l.parquet")
+    td = load_task(tmp_path / "l.parquet", data, "next", "long.genre")
+    # user 1 (empty) and user 3 (only unknown) have nothing to rank against; the unknown user is counted
+    assert td.unknown_users == 1 and len(td) == 2
+    assert td.rows.tolist() == [0, 2]
+    assert td.label_offsets.tolist() == [0, 1, 3] and td.label_ids.tolist() == [2, 3, 4]
