@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from cli.main import parse_overrides  # noqa: E402
+from cli.common import parse_overrides  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
