@@ -55,13 +55,15 @@ class SegmentEmbedding(nn.Module):
         # bias maps 0 to 0.  So it is always fused into the gather; position and segment stay.
         # bool [n_words], True for masked words to zero (index_put, not boolean indexing: no device sync)
         zero_mask = torch.zeros_like(sb.word_slot, dtype=torch.bool).index_put_((sb.masked,), sb.masked_zero)
-        pos_seg = self.position(sb.word_pos) + segment_vec  # [n_words, H]
         if self.proj is None:
+            # One pass writes the finished token vectors: mean, zeroing, + position row + segment vector
+            # (the Triton kernel reads the position table itself: no [n_words, H] temporaries).
             return gather_concat_mean(tables, sb.attr_ids, sb.word_offsets, zero_mask=zero_mask,
-                                      add=pos_seg, impl=self.kernel_impl)
+                                      pos_table=self.position.weight, word_pos=sb.word_pos, seg_vec=segment_vec,
+                                      impl=self.kernel_impl)
         tok = gather_concat_mean(tables, sb.attr_ids, sb.word_offsets, zero_mask=zero_mask,
                                  impl=self.kernel_impl)  # [n_words, sum(dims)]
-        return self.proj(tok) + pos_seg
+        return self.proj(tok) + (self.position(sb.word_pos) + segment_vec)  # [n_words, H]
 
 
 class Embeddings(nn.Module):

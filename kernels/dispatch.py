@@ -13,7 +13,6 @@ exists, so ``auto`` starts using it without touching the callers.  Kernels never
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from collections.abc import Iterable
@@ -43,9 +42,22 @@ def triton_registered(op: str) -> bool:
     return op in _TRITON_OPS
 
 
-@functools.cache
+_IMPORTABLE: bool | None = None
+
+
 def triton_importable() -> bool:
-    """True when ``import triton`` works (imported once, on first need: it takes ~1 s)."""
+    """True when ``import triton`` works (imported once, on first need: it takes ~1 s).
+
+    Memoised in a module global rather than functools.cache: torch.compile traces resolve_impl, and
+    dynamo guards on a global's value but warns about (and traces through) cache wrappers.
+    """
+    global _IMPORTABLE
+    if _IMPORTABLE is None:
+        _IMPORTABLE = _try_import_triton()
+    return _IMPORTABLE
+
+
+def _try_import_triton() -> bool:
     if importlib.util.find_spec("triton") is None:
         return False
     try:

@@ -291,3 +291,38 @@ def test_triton_impl_on_cpu_without_interpreter_raises(monkeypatch):
     batch = make_batch(spec, random_users(spec, 2, seed=15))
     with pytest.raises(RuntimeError, match=r"needs CUDA tensors.*impl='torch' or impl='auto'"):
         model.pretrain_loss(batch, MASK)
+
+
+@pytest.mark.parametrize("backward", ["atomic", "sorted"])
+def test_triton_kernels_match_torch_in_the_model(monkeypatch, backward):
+    """kernel_impl="triton" (under the interpreter here) against "torch": same loss, same gradients,
+    through both segments (one with the projection, one with the fused position + segment add)."""
+    from kernels.dispatch import interpreter_enabled, triton_importable
+
+    if not (triton_importable() and interpreter_enabled()):
+        pytest.skip("needs triton and TRITON_INTERPRET=1 (set by the root conftest.py)")
+    import kernels.gather_concat_mean as gcm
+
+    monkeypatch.setattr(gcm, "DEFAULT_BACKWARD", backward)
+    torch.manual_seed(0)
+    spec = tiny_spec()
+    ref_model = UserBERT(tiny_cfg(), spec)
+    model = UserBERT(tiny_cfg(kernel_impl="triton"), spec)
+    model.load_state_dict(ref_model.state_dict())
+    users = random_users(spec, 4, seed=21)
+    users[0] = make_user(spec, [6, 7], seed=22)
+    batch = make_batch(spec, users)
+    for norm in (True, False):
+        masking = MaskingConfig(normalize_labels=norm)
+        loss_ref, stats_ref = ref_model.pretrain_loss(batch, masking)
+        loss, stats = model.pretrain_loss(batch, masking)
+        torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+        assert stats.keys() == stats_ref.keys()
+        for k in stats:
+            assert abs(stats[k] - stats_ref[k]) <= 1e-5 * max(1.0, abs(stats_ref[k])), k
+        ref_model.zero_grad()
+        model.zero_grad()
+        loss_ref.backward()
+        loss.backward()
+        for (name, p_ref), p in zip(ref_model.named_parameters(), model.parameters()):
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-6, msg=name)
