@@ -1,7 +1,8 @@
-"""Pretraining entry point: `python cli/pretrain.py ...` or `deepspeed cli/pretrain.py ...`.
+"""Pretraining entry point for launchers: `deepspeed [--num_gpus N] [--hostfile H] cli/pretrain.py ...`,
+`torchrun --nproc_per_node N cli/pretrain.py ...`, or `python cli/pretrain.py ...`.
 
 Parse, build, train, close — the logic lives in engine/.  This is the same code path as
-`userbert-engine pretrain`.
+`userbert-engine pretrain` (which takes the same training flags).
 """
 
 from __future__ import annotations
@@ -14,30 +15,35 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from cli.cmd_train import add_train_args, run_pretrain  # noqa: E402
 from cli.common import parse_overrides  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", type=Path, help="run config TOML (e.g. configs/paper.toml)")
-    p.add_argument("--data", type=Path, required=True, help="tokenized directory")
-    p.add_argument("--out", type=Path, required=True, help="run directory")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
-    p.add_argument("--deepspeed_config", type=Path, help="DeepSpeed JSON config (multi-process training)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. train.steps=1000")
+    add_train_args(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, DeepSpeed's included")
+    # The deepspeed launcher appends --local_rank=N; the rank is read from the environment.
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO if rank == "0" else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
     from engine.config import load_config
-    from engine.pretrain import pretrain
+    from tokenizer.typed_config import ConfigError
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 or args.deepspeed_config:
-        p.error(f"multi-process DeepSpeed training is not wired in yet (WORLD_SIZE={world}): run one process, "
-                "or use `userbert-engine pretrain`")
-    cfg = load_config(args.config, parse_overrides(args.set))
-    pretrain(cfg, args.data, args.out)
-    return 0
+    try:
+        cfg = load_config(args.config, parse_overrides(args.set))
+        return run_pretrain(cfg, args)
+    except (ConfigError, FileNotFoundError, ValueError) as e:  # setup errors: one line, no traceback
+        if args.verbose:
+            raise
+        logging.getLogger("userbert").error("%s", e)
+        return 2
 
 
 if __name__ == "__main__":

@@ -2,11 +2,23 @@
 
 The plan is a pure function of (seed, epoch, rank, world_size): step ``i`` always sees the same
 users and the same masks, which is what lets a resumed run reproduce an uninterrupted one.
+
+Training (:class:`TrainBatches`, :class:`TrainLoader`) splits each global batch of B users into
+``world_size x accumulation`` micro-batches of ``micro_batch`` users.  Micro-batch ``a`` of rank
+``r`` is slot ``v = a * world_size + r`` of the global batch (every ``n_slots``-th user from ``v``,
+so length-grouped batches split evenly), masked with ``batch_seed(seed, epoch, i * n_slots + v)``.
+The slots depend only on their number: 1 rank x 2 accumulation steps sees exactly the users and
+masks of 2 ranks x 1 step.  With one slot this is :func:`pretrain_batches`' plan, seed for seed.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,9 +51,16 @@ def epoch_plan(n_users: int, batch_size: int, seed: int, epoch: int, rank: int =
     GROUP_BATCHES random batches by length, then shuffling the batches, keeps batches random across
     the epoch while cutting that waste to a few percent.
     """
+    global_batch = batch_size * world_size
+    return [chunk[rank::world_size][:batch_size] if world_size > 1 else chunk
+            for chunk in global_batches(n_users, global_batch, seed, epoch, drop_last, shuffle, lengths)]
+
+
+def global_batches(n_users: int, global_batch: int, seed: int, epoch: int, drop_last: bool = True,
+                   shuffle: bool = True, lengths: np.ndarray | None = None) -> list[np.ndarray]:
+    """One epoch's global batches (every rank computes the same list; see :func:`epoch_plan`)."""
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(n_users) if shuffle else np.arange(n_users)
-    global_batch = batch_size * world_size
     n_batches = n_users // global_batch if drop_last else -(-n_users // global_batch)
     if lengths is not None and shuffle:
         window = GROUP_BATCHES * global_batch
@@ -51,11 +70,7 @@ def epoch_plan(n_users: int, batch_size: int, seed: int, epoch: int, rank: int =
         batch_order = rng.permutation(n_batches)
     else:
         batch_order = np.arange(n_batches)
-    plan = []
-    for i in batch_order:
-        chunk = order[i * global_batch:(i + 1) * global_batch]
-        plan.append(chunk[rank::world_size][:batch_size] if world_size > 1 else chunk)
-    return plan
+    return [order[i * global_batch:(i + 1) * global_batch] for i in batch_order]
 
 
 class _PlannedBatches(Dataset):
@@ -100,6 +115,154 @@ def pretrain_batches(collator: Collator, batch_size: int, seed: int, start_step:
         for batch in loader:
             yield step, batch
             step += 1
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How a global batch of users is split: global = micro x accumulation x world."""
+
+    global_batch: int
+    micro_batch: int
+    accumulation: int
+    world_size: int
+
+    @property
+    def n_slots(self) -> int:
+        return self.accumulation * self.world_size
+
+
+def batch_layout(global_batch: int, world_size: int, micro_batch: int = 0, accumulation: int = 0,
+                 where: str = "train") -> BatchLayout:
+    """Derive micro-batch and accumulation steps from the global batch and the world size.
+
+    ``micro_batch`` / ``accumulation``: 0 to derive.  Neither given: one micro-batch per rank per
+    step (no accumulation).  Raises ValueError, naming the numbers, when they cannot fit.
+    """
+    if global_batch % world_size:
+        raise ValueError(f"{where}.batch_size = {global_batch} users is not divisible by the world size "
+                         f"{world_size}: every rank must take the same share of a global batch")
+    per_rank = global_batch // world_size
+    if micro_batch and accumulation:
+        if micro_batch * accumulation != per_rank:
+            raise ValueError(f"{where}: batch_size {global_batch} != micro_batch_size {micro_batch} x gradient "
+                             f"accumulation {accumulation} x world size {world_size}")
+    elif micro_batch:
+        if per_rank % micro_batch:
+            raise ValueError(f"{where}: batch_size {global_batch} / world size {world_size} = {per_rank} users per "
+                             f"rank, not a multiple of micro_batch_size {micro_batch}")
+        accumulation = per_rank // micro_batch
+    elif accumulation:
+        if per_rank % accumulation:
+            raise ValueError(f"{where}: batch_size {global_batch} / world size {world_size} = {per_rank} users per "
+                             f"rank, not divisible into {accumulation} accumulation steps")
+        micro_batch = per_rank // accumulation
+    else:
+        micro_batch, accumulation = per_rank, 1
+    return BatchLayout(global_batch, micro_batch, accumulation, world_size)
+
+
+class TrainBatches(Dataset):
+    """Map-style dataset of one rank's micro-batches, item ``k`` = micro-batch ``k % A`` of step
+    ``start_step + k // A``, epoch after epoch.  Workers compute an epoch's plan when they first
+    need it (a pure function, so every worker and every rank agree without talking)."""
+
+    def __init__(self, collator: Collator, layout: BatchLayout, rank: int, seed: int, start_step: int,
+                 end_step: int, rows: np.ndarray | None = None, group_by_length: bool = True):
+        self.collator, self.layout, self.rank, self.seed = collator, layout, rank, seed
+        self.start_step, self.end_step = start_step, end_step
+        self.rows = np.arange(collator.data.num_users) if rows is None else np.asarray(rows, dtype=np.int64)
+        self.lengths = sequence_lengths(collator, self.rows) if group_by_length else None
+        self.per_epoch = len(self.rows) // layout.global_batch
+        if self.per_epoch == 0:
+            raise ValueError(f"{len(self.rows)} users cannot fill one global batch of {layout.global_batch}")
+        self._epoch, self._batches = -1, []
+
+    def __len__(self) -> int:
+        return max(0, self.end_step - self.start_step) * self.layout.accumulation
+
+    def locate(self, k: int) -> tuple[int, int, int, int]:
+        """(step, epoch, index in epoch, slot) of item ``k``."""
+        step, micro = divmod(k, self.layout.accumulation)
+        step += self.start_step
+        epoch, index = divmod(step, self.per_epoch)
+        return step, epoch, index, micro * self.layout.world_size + self.rank
+
+    def users(self, k: int) -> tuple[np.ndarray, int]:
+        """Dataset rows and masking seed of item ``k``."""
+        _, epoch, index, slot = self.locate(k)
+        if epoch != self._epoch:
+            self._batches = global_batches(len(self.rows), self.layout.global_batch, self.seed, epoch,
+                                           lengths=self.lengths)
+            self._epoch = epoch
+        n = self.layout.n_slots
+        chunk = self._batches[index][slot::n][:self.layout.micro_batch]
+        return self.rows[chunk], batch_seed(self.seed, epoch, index * n + slot)
+
+    def __getitem__(self, k: int) -> Batch:
+        users, seed = self.users(k)
+        return self.collator(users, seed)
+
+
+def _loader_worker_init(_: int) -> None:
+    # Launchers signal the whole process tree on shutdown (deepspeed's terminate_process_tree, torchrun's
+    # process group kill).  The trainer catches SIGTERM/SIGINT to write a checkpoint first; workers that
+    # died of the same signal would make the next fetch raise before it can.  They exit with their parent.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)  # collate is Numba and numpy; torch threads here would fight the trainer's
+
+
+def auto_workers(requested: int, device: torch.device, local_world_size: int = 1) -> int:
+    """-1: up to 4 workers per rank on GPU (bounded by the CPUs per local rank, one left for the
+    trainer); 0 on CPU, where collate in the training process is cheaper than competing for cores."""
+    if requested >= 0:
+        return requested
+    if device.type != "cuda":
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(4, cpus // max(1, local_world_size) - 1))
+
+
+class TrainLoader:
+    """Iterates a rank's micro-batches with worker processes, pinned memory and prefetch, and times how
+    long the trainer waits for each batch (``data_wait_s``, reset by :meth:`take_wait`)."""
+
+    def __init__(self, dataset: TrainBatches, workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 4,
+                 seed: int = 0):
+        self.dataset = dataset
+        kwargs = {}
+        if workers > 0:
+            kwargs.update(prefetch_factor=prefetch_factor, persistent_workers=False, worker_init_fn=_loader_worker_init)
+            # fork shares the memory-mapped shards and Numba's compiled collate with the workers; it is also
+            # what Linux uses today, made explicit for Python versions whose default moves to forkserver.
+            if "fork" in multiprocessing.get_all_start_methods():
+                kwargs["multiprocessing_context"] = "fork"
+        # A private generator: the loader draws its worker base seed from it instead of the global RNG,
+        # whose state the checkpoints restore for dropout (exact resume).
+        self.loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory,
+                                 generator=torch.Generator().manual_seed(seed), **kwargs)
+        self._it: Iterator[Batch] | None = None
+        self.wait_s = 0.0
+
+    def __iter__(self) -> TrainLoader:
+        self._it = iter(self.loader)
+        return self
+
+    def __next__(self) -> Batch:
+        t = time.perf_counter()
+        batch = next(self._it)
+        self.wait_s += time.perf_counter() - t
+        return batch
+
+    def take_wait(self) -> float:
+        w, self.wait_s = self.wait_s, 0.0
+        return w
+
+    def close(self) -> None:
+        # Shuts worker processes down now rather than at garbage collection.
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
 
 
 def eval_batches(collator: Collator, users: np.ndarray, batch_size: int) -> Iterator[Batch]:
