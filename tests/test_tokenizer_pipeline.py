@@ -23,11 +23,20 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
 
-from tokenizer import reference
+from tokenizer import reference, shards
 from tokenizer.io import InputError, read_table, resolve_inputs
 from tokenizer.pipeline import tokenize
 from tokenizer.schema import schema_from_dict
 from tokenizer.shards import ManifestError, open_tokenized
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_fsync():
+    """Atomic renames without fsync: these tests need atomicity, not power-loss durability."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(shards, "FSYNC", False)
+        yield
+
 
 TZ = "Europe/Berlin"
 WINDOW = ("2026-03-20T00:00:00", "2026-04-05T00:00:00")  # crosses the 2026-03-29 DST switch
@@ -202,8 +211,11 @@ def write_inputs(root: Path, seed=0, n_long=900, n_short=1200, n_users=60):
 
 
 # -- the expectation ------------------------------------------------------------------------------
+REASONS = ("null_user", "invalid_utf8", "null_time", "bad_time", "outside_window", "duplicate")
+
+
 def expected_segment(rows, seg, user_col, time_col, per_s):
-    dropped = Counter({"null_user": 0, "null_time": 0, "outside_window": 0})
+    dropped = Counter({r: 0 for r in REASONS})
     kept = []
     for r in rows:
         if r[user_col] is None or r[user_col] == "":
@@ -214,20 +226,29 @@ def expected_segment(rows, seg, user_col, time_col, per_s):
             dropped["outside_window"] += 1
         else:
             kept.append(r)
-    times = [r[time_col] // per_s for r in kept]
-    columns = []
-    for a in seg["attributes"]:
-        col = a.get("column", a["name"])
-        if col == "@hour":
-            columns.append([reference.hour_of_day(t, TZ) for t in times])
-        elif col == "@weekday":
-            columns.append([reference.weekday(t, TZ) for t in times])
-        else:
-            columns.append([r[col] for r in kept])
+
+    def values(rows):
+        times = [r[time_col] // per_s for r in rows]
+        columns = []
+        for a in seg["attributes"]:
+            col = a.get("column", a["name"])
+            if col == "@hour":
+                columns.append([reference.hour_of_day(t, TZ) for t in times])
+            elif col == "@weekday":
+                columns.append([reference.weekday(t, TZ) for t in times])
+            else:
+                columns.append([r[col] for r in rows])
+        return times, columns
+
+    # Vocabularies count every good row, duplicates included (they are found after counting).
     vocabs = [
         reference.vocabulary(v, a.get("min_count", 1), a.get("max_vocab"))
-        for v, a in zip(columns, seg["attributes"])
+        for v, a in zip(values(kept)[1], seg["attributes"])
     ]
+    read_cols = [a.get("column", a["name"]) for a in seg["attributes"] if not a.get("column", "").startswith("@")]
+    kept, repeats = reference.drop_duplicates(kept, [user_col, time_col, *read_cols])
+    dropped["duplicate"] = repeats
+    times, columns = values(kept)
     words = reference.all_words(
         [r[user_col] for r in kept],
         times,
@@ -283,7 +304,7 @@ def check_against_reference(data, manifest, lr, sr, ur):
             assert data.vocab(name, a["name"]).to_pylist() == v
         assert manifest["segments"][name]["vocab_sizes"] == [len(v) + 2 for v in vocabs]
 
-    # Users: every good id of either segment or the user table, ascending.
+    # Users: every good id of either segment or the user table, in (user hash, id) order.
     good_users = [r for r in ur if r["user_id"] is not None]
     first = {}
     for r in good_users:
@@ -296,7 +317,7 @@ def check_against_reference(data, manifest, lr, sr, ur):
         for r in sr
         if r["uid"] is not None and r["t_ms"] is not None and WS <= r["t_ms"] // 1000 < WE
     }
-    users = sorted(kept_long | kept_short | set(first))
+    users = reference.user_order(kept_long | kept_short | set(first))
     assert data.user_ids.to_pylist() == users
     assert data.user_ids.type == pa.int64()
 
@@ -323,7 +344,7 @@ def check_against_reference(data, manifest, lr, sr, ur):
     assert c["events_read"] == len(lr) + len(sr)
     assert manifest["dropped"]["long"] == drop_long
     assert manifest["dropped"]["short"] == drop_short
-    assert manifest["dropped"]["user"] == {"null_user": 1, "duplicate_user": 1}
+    assert manifest["dropped"]["user"] == {"null_user": 1, "invalid_utf8": 0, "duplicate_user": 1}
     for name, exp, n in (("long", exp_long, n_long), ("short", exp_short, n_short)):
         seg = c[name]
         assert seg["events"] == n
@@ -375,15 +396,25 @@ def test_multi_shard_equals_single_shard_and_is_deterministic(tmp_path):
     schema = schema_for(tmp_path)
     m1 = tokenize(schema, tmp_path / "one", shard_users=10**6, progress=False)
     m2 = tokenize(schema, tmp_path / "many", shard_users=7, progress=False, batch_rows=13)
-    assert len(m1["shards"]) == 1 and len(m2["shards"]) == -(-m1["counts"]["users"] // 7)
-    assert [s["users"] for s in m2["shards"]][:-1] == [7] * (len(m2["shards"]) - 1)
+    n_users = m1["counts"]["users"]
+    # Shards are 2**k hash ranges with about shard_users users each (k = log2 of users/7, rounded).
+    bits = m2["sharding"]["shard_bits"]
+    assert len(m1["shards"]) == 1 and len(m2["shards"]) == 2**bits
+    assert 2 ** (bits - 1) < n_users / 7 * 2**0.5 and n_users / 7 / 2**0.5 <= 2**bits
+    ids = open_tokenized(tmp_path / "one").user_ids.to_pylist()
+    assert [s["users"] for s in m2["shards"]] == [
+        sum(reference.shard_of(u, bits) == s for u in ids) for s in range(2**bits)
+    ]
     a, b = open_tokenized(tmp_path / "one"), open_tokenized(tmp_path / "many", verify=True)
-    assert a.user_ids.equals(b.user_ids)
-    np.testing.assert_array_equal(a.user_attr_ids, b.user_attr_ids)
-    for sa, sb in zip(a.segments, b.segments):
-        for f in ("user_word_offsets", "word_pos", "word_len", "user_action_offsets", "attr_ids"):
-            np.testing.assert_array_equal(getattr(sa, f), getattr(sb, f), err_msg=f)
-    assert {k: v for k, v in m1.items() if k != "shards"} == {k: v for k, v in m2.items() if k != "shards"}
+    # One shard is sorted by id; many shards are by shard, then id.  Same users, same words.
+    assert a.user_ids.to_pylist() == sorted(ids)
+    assert b.user_ids.to_pylist() == reference.user_order(ids, bits)
+    rows = b.user_index(a.user_ids)
+    np.testing.assert_array_equal(a.user_attr_ids, b.user_attr_ids[rows])
+    for name in ("long", "short"):
+        assert actual_segment(a, name) == actual_segment(b, name)
+    strip = ("shards", "sharding")
+    assert {k: v for k, v in m1.items() if k not in strip} == {k: v for k, v in m2.items() if k not in strip}
     # Single shard: the big arrays are views of the memory map, not copies.
     assert a.segments[0].attr_ids.base is not None and not a.segments[0].attr_ids.flags.owndata
     # Tokenizing again gives byte-identical shards and vocabularies.
@@ -419,8 +450,17 @@ def test_strict_mode_names_file_row_and_reason(tmp_path):
         tokenize(schema, tmp_path / "tok", strict=True, progress=False)
     # Not strict: counted, not raised.
     m = tokenize(schema, tmp_path / "tok", progress=False)
-    assert m["dropped"]["long"] == {"null_user": 0, "null_time": 1, "outside_window": 0}
+    # (b.csv's first row repeats a.parquet's first row.)
+    assert m["dropped"]["long"] == dict.fromkeys(REASONS, 0) | {"null_time": 1, "duplicate": 1}
+    # Duplicates are found after reading; strict mode still names the repeated row.
+    pcsv.write_csv(pa.table(dict(good, user_id=[7, 8, 1], ts=[WS, WS, WS], action=["x", "y", "a"],
+                                 shop=[5, 5, 1])), d / "b.csv")
+    m = tokenize(schema, tmp_path / "tok", progress=False)
+    assert m["dropped"]["long"] == dict.fromkeys(REASONS, 0) | {"duplicate": 1}
+    with pytest.raises(ValueError, match=r"b\.csv: row 2 \(0-based\): duplicate event \(user 1, "):
+        tokenize(schema, tmp_path / "tok", strict=True, progress=False)
     # The user table too.
+    pcsv.write_csv(pa.table(dict(good, user_id=[4, 5, 6])), d / "b.csv")
     pq.write_table(
         pa.table({"user_id": [1, 2, 1], "age": [20.0, 30.0, 40.0], "gender": ["f", "m", "f"]}),
         tmp_path / "users.parquet",
@@ -450,10 +490,18 @@ def test_missing_column_names_file_and_column_before_any_work(tmp_path):
 def test_mistyped_time_column_is_a_clear_error(tmp_path):
     write_inputs(tmp_path, 0)
     pq.write_table(
-        pa.table({"uid": [1], "t_ms": ["2026-03-21"], "action": ["x"], "device": ["a"]}),
+        pa.table({"uid": [1], "t_ms": [[1, 2]], "action": ["x"], "device": ["a"]}),
         tmp_path / "short.parquet",
     )
-    with pytest.raises(InputError, match=r"short\.parquet: column 't_ms': time column must be .* got string"):
+    with pytest.raises(InputError, match=r"short\.parquet: column 't_ms': time column must be .* got list"):
+        tokenize(schema_for(tmp_path), tmp_path / "tok", progress=False)
+    assert not (tmp_path / "tok").exists()
+    pq.write_table(
+        pa.table({"uid": [1], "t_ms": [1], "action": [[1]], "device": ["a"]}),
+        tmp_path / "short.parquet",
+    )
+    with pytest.raises(InputError, match=r"short\.parquet: column 'action' \(segment short, attribute action\): "
+                       r"expected strings, integers or floats, got list"):
         tokenize(schema_for(tmp_path), tmp_path / "tok", progress=False)
 
 
@@ -515,18 +563,24 @@ def test_string_user_ids_and_users_only_in_user_table(tmp_path):
     )
     m = tokenize(schema_for(tmp_path), tmp_path / "tok", progress=False)
     data = open_tokenized(tmp_path / "tok")
-    assert data.user_ids.to_pylist() == ["a", "b", "c", "z"]
+    order = reference.user_order(["a", "b", "c", "z"])
+    assert data.user_ids.to_pylist() == order
     assert m["dropped"]["long"]["null_user"] == 2
     long, short = data.segment("long"), data.segment("short")
-    assert np.diff(long.user_word_offsets).tolist() == [1, 2, 0, 0]
-    assert np.diff(short.user_word_offsets).tolist() == [0, 0, 1, 0]
+    row = {u: order.index(u) for u in order}
+    n_long = np.diff(long.user_word_offsets)
+    assert [n_long[row[u]] for u in "abcz"] == [1, 2, 0, 0]
+    assert [np.diff(short.user_word_offsets)[row[u]] for u in "abcz"] == [0, 0, 1, 0]
     # Day 0 runs from 04:00 on Mar 19 (the window opens at 00:00 on Mar 20, before 04:00):
     # a at 01:00 Mar 20 -> 0; b at 05:00 Mar 20 -> 1 and at 05:00 Mar 21 -> 2.
-    assert long.word_pos.tolist() == [0, 1, 2]
+    pos = {u: long.word_pos[long.user_word_offsets[row[u]] : long.user_word_offsets[row[u] + 1]].tolist()
+           for u in "ab"}
+    assert pos == {"a": [0], "b": [1, 2]}
     # age buckets: a (20) -> bucket 1, z (40) -> bucket 2; equal counts, so ids by bucket value.
-    assert data.user_attr_ids.tolist() == [[2, 2], [1, 1], [1, 1], [3, 2]]
-    assert data.user_index(["z", "nope", "a"]).tolist() == [3, -1, 0]
-    assert data.user_index(pa.array(["b"], pa.large_string())).tolist() == [1]
+    expected = {"a": [2, 2], "b": [1, 1], "c": [1, 1], "z": [3, 2]}
+    assert [data.user_attr_ids[row[u]].tolist() for u in "abcz"] == [expected[u] for u in "abcz"]
+    assert data.user_index(["z", "nope", "a"]).tolist() == [row["z"], -1, row["a"]]
+    assert data.user_index(pa.array(["b"], pa.large_string())).tolist() == [row["b"]]
 
 
 def test_empty_input_writes_one_empty_shard(tmp_path):

@@ -1,6 +1,6 @@
 """The Numba word code against the pure-Python reference: exact equality, event for event.
 
-Every case runs the fast path (io.local_seconds -> words.sort_by_user_time -> words.split_words)
+Every case runs the fast path (timecols.local_seconds -> words.sort_by_user_time -> words.split_words)
 and tokenizer/reference.py on the same events, and compares each user's words as
 (position, [input indices of the kept actions]).  Edge cases also carry hand-written expectations,
 so that a mistake shared by both implementations would still show.
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from tokenizer import reference
-from tokenizer.io import local_seconds
-from tokenizer.words import gather_rows, sort_by_user_time, split_words, user_offsets_from_sorted
+from tokenizer.timecols import local_seconds
+from tokenizer.words import sort_by_user_time, split_words, user_offsets_from_sorted
 
 BERLIN = "Europe/Berlin"
 TOKYO = "Asia/Tokyo"
@@ -243,13 +243,6 @@ def test_times_before_1970_floor_correctly():
         [0] * 4, times, timezone="UTC", window_start_utc=-2 * 86400, **dict(SESSION, gap_minutes=0.5)
     )
     assert fast == {0: [(23, [0, 1]), (47, [2, 3])]}
-
-
-def test_gather_rows():
-    table = np.arange(30, dtype=np.int32).reshape(10, 3)
-    perm = np.array([9, 8, 7, 6, 5, 4, 3, 2, 1, 0])
-    keep = np.array([0, 5, 9])
-    np.testing.assert_array_equal(gather_rows(table, perm, keep), table[perm[keep]])
 
 
 def test_split_words_validates_offsets():

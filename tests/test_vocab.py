@@ -1,4 +1,4 @@
-"""Vocabulary counting, cutoffs, ids and encoding; derived values; time normalisation."""
+"""Vocabularies: value codes counted per task and merged, cutoffs, ids, encoding, derived values."""
 
 from __future__ import annotations
 
@@ -11,60 +11,78 @@ import pyarrow as pa
 import pytest
 
 from tokenizer import reference
-from tokenizer.io import InputError, epoch_seconds, local_seconds
-from tokenizer.schema import AttributeSpec
-from tokenizer.vocab import ValueCounter, Vocab, attribute_values, bucketize, vocab_file
+from tokenizer.coders import Coder, build_vocab, ids_for_vocab, merge_codes
+from tokenizer.io import InputError
+from tokenizer.plan import KIND_FIXED, KIND_FLOAT, KIND_INT, KIND_STR, AttrPlan
+from tokenizer.timecols import local_seconds
+from tokenizer.vocab import Vocab, vocab_file
 
 
-def counts_of(values, batch_size, dictionary=False):
-    c = ValueCounter("test")
-    for i in range(0, len(values), batch_size):
-        arr = pa.array(values[i : i + batch_size])
-        c.update(arr.dictionary_encode() if dictionary else arr)
-    v, n = c.result()
-    return dict(zip(v.to_pylist(), n.tolist()))
+def count_in_tasks(values, kind, batch, n_tasks, dictionary=False, min_count=1, max_vocab=None):
+    """Code values in n_tasks tasks (batches of `batch`), merge, and return (counts dict, vocab, ids)."""
+    attr = AttrPlan("a", "a", kind, min_count=min_count, max_vocab=max_vocab)
+    bounds = [len(values) * t // n_tasks for t in range(n_tasks + 1)]
+    states, codes_per_task = [], []
+    for t in range(n_tasks):
+        coder = Coder(attr)
+        task_codes = []
+        for i in range(bounds[t], bounds[t + 1], batch):
+            arr = pa.array(values[i : min(i + batch, bounds[t + 1])])
+            if dictionary:
+                arr = arr.dictionary_encode()
+            codes, _ = coder.encode(arr, None)
+            coder.count(codes.reshape(-1, 1), 0, np.ones(len(codes), bool))
+            task_codes.append(codes)
+        states.append(coder.state())
+        codes_per_task.append(np.concatenate(task_codes) if task_codes else np.zeros(0, np.int32))
+    g = merge_codes(attr, states)
+    vocab, ids = build_vocab(g)
+    # Every value's code, through its task's table and the vocabulary, gives its id.
+    encoded = np.concatenate([ids[g.task_luts[t][c]] for t, c in enumerate(codes_per_task)]) if values else []
+    counts = {v: int(n) for v, n in zip(g.values.to_pylist(), g.counts[1:]) if n}
+    return counts, vocab, list(encoded)
 
 
 @pytest.mark.parametrize("dictionary", [False, True])
-def test_counts_merge_across_batches_and_ignore_nulls(dictionary):
+@pytest.mark.parametrize("n_tasks", [1, 3])
+def test_counts_merge_across_batches_and_tasks_and_ignore_nulls(dictionary, n_tasks):
     rng = np.random.default_rng(0)
     values = [None if rng.random() < 0.1 else f"v{int(rng.zipf(1.5)) % 50}" for _ in range(3000)]
     expected = Counter(v for v in values if v is not None)
-    for batch_size in (1, 7, 1000, 5000):
-        assert counts_of(values, batch_size, dictionary) == expected
-
-
-def test_counts_compact_many_distinct_values(monkeypatch):
-    import tokenizer.vocab as vocab_mod
-
-    monkeypatch.setattr(vocab_mod, "_COMPACT_ROWS", 50)
-    rng = np.random.default_rng(1)
-    values = rng.integers(0, 400, 5000).tolist()
-    assert counts_of(values, 97) == Counter(values)
-
-
-def test_counter_rejects_type_change():
-    c = ValueCounter("segment long, attribute shop")
-    c.update(pa.array([1, 2]))
-    with pytest.raises(InputError, match="attribute shop.*type changes"):
-        c.update(pa.array(["a"]))
+    for batch in (1, 7, 1000, 5000):
+        counts, _, _ = count_in_tasks(values, KIND_STR, batch, n_tasks, dictionary)
+        assert counts == expected
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_vocab_matches_reference(seed):
+def test_vocab_and_ids_match_reference(seed):
     rng = np.random.default_rng(seed)
-    kind = seed % 2
+    kind = [KIND_INT, KIND_STR, KIND_FLOAT, KIND_STR][seed]
     raw = rng.zipf(1.3, 2000) % 200
-    values = [f"s{x:03d}" for x in raw] if kind else [int(x) for x in raw]
+    values = {KIND_INT: [int(x) for x in raw], KIND_STR: [f"s{x:03d}" for x in raw],
+              KIND_FLOAT: [float(x) / 4 for x in raw]}[kind]
+    values = [None if i % 97 == 0 else v for i, v in enumerate(values)]
     for min_count, max_vocab in ((1, None), (3, None), (1, 10), (5, 3), (2, 1000)):
-        c = ValueCounter()
-        c.update(pa.array(values))
-        v = Vocab.from_counts(*c.result(), min_count=min_count, max_vocab=max_vocab)
+        _, v, encoded = count_in_tasks(values, kind, 300, 2, min_count=min_count, max_vocab=max_vocab)
         expected = reference.vocabulary(values, min_count, max_vocab)
         assert v.values.to_pylist() == expected
         assert v.size == len(expected) + 2
+        assert encoded == [reference.encode(x, expected) for x in values]
         if max_vocab is not None:
             assert v.size <= max_vocab
+
+
+def test_a_given_vocabulary_keeps_its_ids_and_maps_new_values_to_unknown():
+    given = Vocab.from_counts(pa.array(["x", "y", "z"]), np.array([5, 3, 1]))
+    attr = AttrPlan("a", "a", KIND_STR)
+    coder = Coder(attr, seed=given)
+    codes, _ = coder.encode(pa.array(["y", "new", None, "x"]), None)
+    assert codes.tolist() == [2, 4, 0, 1]  # seeded values first, in id order
+    g = merge_codes(attr, [coder.state()], seed=given)
+    ids = ids_for_vocab(g, given)
+    assert ids[g.task_luts[0][codes]].tolist() == [3, 1, 1, 2]
+    with pytest.raises(InputError, match="the given vocabulary holds int64"):
+        Coder(attr, seed=Vocab.from_counts(pa.array([1, 2]), np.array([1, 1])))
 
 
 def test_ids_ties_by_ascending_value_and_reserved_ids():
@@ -107,14 +125,15 @@ def test_save_load_roundtrip(tmp_path, values):
         Vocab.load(tmp_path / "nope.arrow")
 
 
-def test_bucketize_is_searchsorted_right():
+def test_buckets_are_searchsorted_right():
     b = [18, 25, 35]
+    coder = Coder(AttrPlan("age", "age", KIND_FIXED, buckets=b, domain=len(b) + 1))
     arr = pa.array([0, 17.9, 18, 24, 25, 34.5, 35, 99, None, float("nan")])
-    got = bucketize(arr, b).to_pylist()
-    assert got == [0, 0, 1, 1, 2, 2, 3, 3, None, None]
-    assert got[:8] == [reference.bucket(x, b) for x in arr.to_pylist()[:8]]
-    with pytest.raises(InputError, match="numeric"):
-        bucketize(pa.array(["a"]), b, "users.parquet: column 'age'")
+    codes, _ = coder.encode(arr, None)
+    assert (codes - 1).tolist() == [0, 0, 1, 1, 2, 2, 3, 3, -1, -1]  # code 0: null
+    assert (codes[:8] - 1).tolist() == [reference.bucket(x, b) for x in arr.to_pylist()[:8]]
+    codes, _ = coder.encode(pa.array([30, None], pa.int32()), None)
+    assert codes.tolist() == [3, 0]
 
 
 @pytest.mark.parametrize("tz", ["Europe/Berlin", "Asia/Tokyo", "America/New_York", "UTC"])
@@ -136,47 +155,22 @@ def test_local_time_and_derived_hour_weekday_match_zoneinfo(tz):
         int(dt.datetime.fromtimestamp(x, zone).replace(tzinfo=dt.UTC).timestamp()) for x in t.tolist()
     ]
     assert local.tolist() == expected
-    hours = attribute_values(AttributeSpec("h", column="@hour"), None, local).to_pylist()
-    days = attribute_values(AttributeSpec("d", column="@weekday"), None, local).to_pylist()
-    assert hours == [reference.hour_of_day(x, tz) for x in t.tolist()]
-    assert days == [reference.weekday(x, tz) for x in t.tolist()]
+    hours, _ = Coder(AttrPlan("h", None, KIND_FIXED, derived="@hour", domain=24)).encode(None, local)
+    days, _ = Coder(AttrPlan("d", None, KIND_FIXED, derived="@weekday", domain=7)).encode(None, local)
+    assert (hours - 1).tolist() == [reference.hour_of_day(x, tz) for x in t.tolist()]
+    assert (days - 1).tolist() == [reference.weekday(x, tz) for x in t.tolist()]
 
 
-@pytest.mark.parametrize("unit", ["s", "ms", "us", "ns"])
-@pytest.mark.parametrize("tz", [None, "UTC", "Asia/Tokyo"])
-def test_epoch_seconds_from_timestamps(unit, tz):
-    per_s = {"s": 1, "ms": 10**3, "us": 10**6, "ns": 10**9}[unit]
-    secs = np.array([1767225600, 1767225601, -5, 0], np.int64)
-    raw = secs * per_s + (per_s - 1)  # sub-second parts are floored
-    arr = pa.array(raw, pa.timestamp(unit, tz=tz))
-    arr = pa.concat_arrays([arr, pa.array([None], arr.type)])
-    got, valid = epoch_seconds(arr, "s", "x")  # time_unit is ignored for timestamps
-    assert got[:4].tolist() == secs.tolist()
-    assert valid.tolist() == [True] * 4 + [False]
-
-
-def test_epoch_seconds_from_integers_and_floats():
-    got, valid = epoch_seconds(pa.array([1767225600123, None, -1], pa.int64()), "ms", "x")
-    assert got[[0, 2]].tolist() == [1767225600, -1] and valid.tolist() == [True, False, True]
-    got, valid = epoch_seconds(pa.array([1767225600.0, float("nan"), None]), "s", "x")
-    assert got[0] == 1767225600 and valid.tolist() == [True, False, False]
-    with pytest.raises(InputError, match="non-integral"):
-        epoch_seconds(pa.array([1.5]), "s", "x")
-
-
-def test_epoch_seconds_rejects_strings():
-    with pytest.raises(InputError, match=r"events.csv: column 'ts': time column must be .* got string"):
-        epoch_seconds(pa.array(["2026-01-01"]), "s", "events.csv: column 'ts'")
-
-
-def test_dictionary_columns_stay_encoded_and_count_like_plain_ones():
-    spec = AttributeSpec("shop")
+def test_dictionary_columns_code_like_plain_ones_and_flag_bad_utf8():
+    attr = AttrPlan("shop", "shop", KIND_STR)
     arr = pa.array(["b", None, "a", "b", "c"])
-    d = attribute_values(spec, arr.dictionary_encode())
-    assert pa.types.is_dictionary(d.type)
-    c1, c2 = ValueCounter(), ValueCounter()
-    c1.update(d)
-    c2.update(attribute_values(spec, arr))
-    v1, v2 = Vocab.from_counts(*c1.result()), Vocab.from_counts(*c2.result())
-    assert v1.values.equals(v2.values) and v1.values.type == pa.string()
-    np.testing.assert_array_equal(v1.encode(d), v2.encode(arr))
+    c1, c2 = Coder(attr), Coder(attr)
+    d1, _ = c1.encode(arr.dictionary_encode(), None)
+    d2, _ = c2.encode(arr, None)
+    assert c1.state()["data"].tobytes() == c2.state()["data"].tobytes()
+    np.testing.assert_array_equal(d1, d2)
+    raw = pa.Array.from_buffers(pa.string(), 3, [None, pa.py_buffer(np.array([0, 1, 3, 4], np.int32)),
+                                                 pa.py_buffer(b"a\xc3(b")])
+    for col in (raw, raw.dictionary_encode()):
+        _, bad = Coder(attr).encode(col, None)
+        assert bad.tolist() == [False, True, False]

@@ -1,24 +1,19 @@
-"""Reading raw event tables: files, directories and globs of Parquet, CSV(.gz) and Arrow IPC.
+"""Reading raw tables: files, directories and globs of Parquet, CSV(.gz) and Arrow IPC.
 
 The tokenizer never loads a whole input: it streams record batches of the few columns it
-needs (projection pushed into the Parquet/CSV/IPC readers) and remembers where each batch came
-from (file and row), so that a bad value can be reported as ``events/part-3.parquet: row 1234``.
-
-Time columns are normalised here, once, to int64 UTC epoch seconds (plus local wall-clock
-seconds for the schema's time zone, which the daily word rule and ``@hour`` need).  Doing it in
-one place keeps the rest of the tokenizer free of units and time zones.
+needs (projection pushed into the Parquet/CSV/IPC readers; Parquet string columns decoded
+as dictionaries) and remembers where each batch came from (file and row), so that a bad value
+can be reported as ``events/part-3.parquet: row 1234``.  Time columns are normalised in
+tokenizer/timecols.py.
 """
 
 from __future__ import annotations
 
 import glob
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
@@ -36,20 +31,10 @@ FORMATS: dict[str, str] = {
 DEFAULT_BATCH_ROWS = 1 << 18  # 262,144 rows: a few MB per column, large enough to amortise calls
 _CSV_BLOCK_BYTES = 8 << 20
 
-_UNIT_PER_SECOND = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 
 
 class InputError(ValueError):
     """An input file is missing, unreadable, lacks a column or holds a mistyped column."""
-
-
-@dataclass
-class Chunk:
-    """A record batch of one input file: rows ``row_start .. row_start + len(batch)`` of ``file``."""
-
-    file: Path
-    row_start: int  # 0-based data row (CSV header excluded) of the batch's first row in the file
-    batch: pa.RecordBatch
 
 
 def file_format(path: str | Path) -> str:
@@ -97,9 +82,11 @@ def resolve_inputs(path: str | Path) -> list[Path]:
 
 def _csv_options(columns: Sequence[str] | None, block_bytes: int) -> tuple:
     read = pcsv.ReadOptions(block_size=block_bytes)
-    # Empty fields are missing values for every column type, strings included.
+    # Empty fields are missing values for every column type, strings included.  UTF-8 is
+    # checked by the tokenizer per value (a bad value is a bad row), not by the reader (which
+    # would turn the whole column into binary).
     convert = pcsv.ConvertOptions(
-        include_columns=list(columns) if columns else None, strings_can_be_null=True
+        include_columns=list(columns) if columns else None, strings_can_be_null=True, check_utf8=False
     )
     return read, convert
 
@@ -133,35 +120,52 @@ def check_columns(files: Sequence[Path], columns: Sequence[str], what: str) -> d
     return schemas
 
 
-def iter_chunks(
-    files: Sequence[Path], columns: Sequence[str], batch_rows: int = DEFAULT_BATCH_ROWS
-) -> Iterator[Chunk]:
-    """Stream ``columns`` (in this order) of every file as batches of at most ``batch_rows`` rows."""
+def iter_piece(
+    path: Path,
+    columns: Sequence[str],
+    *,
+    rg_start: int = 0,
+    rg_stop: int = -1,
+    row_start: int = 0,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    dictionary_columns: Sequence[str] = (),
+    use_threads: bool = True,
+) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """(first row in the file, batch) of ``columns`` of a file or of Parquet row groups [rg_start, rg_stop).
+
+    String columns named in ``dictionary_columns`` are read dictionary-encoded from Parquet:
+    the file's dictionary pages are decoded once instead of materialising a string per row.
+    """
     columns = list(dict.fromkeys(columns))
-    for f in files:
-        row = 0
-        for batch in _file_batches(f, columns, batch_rows):
+    fmt = file_format(path)
+    row = row_start
+    try:
+        if fmt == "parquet":
+            pf = pq.ParquetFile(path)
+            fields = {f.name: f.type for f in pf.schema_arrow}
+            as_dict = [c for c in dictionary_columns if c in fields and _stringy(fields[c])]
+            if as_dict:
+                pf = pq.ParquetFile(path, read_dictionary=as_dict)
+            stop = pf.metadata.num_row_groups if rg_stop < 0 else rg_stop
+            if stop <= rg_start:
+                return
+            batches = pf.iter_batches(
+                batch_size=batch_rows, row_groups=range(rg_start, stop), columns=columns, use_threads=use_threads
+            )
+        else:
+            batches = _file_batches(path, columns, batch_rows)
+        for batch in batches:
             batch = batch.select(columns)
             for start in range(0, batch.num_rows, batch_rows):
                 piece = batch.slice(start, batch_rows)
-                yield Chunk(f, row, piece)
+                yield row, piece
                 row += piece.num_rows
+    except pa.ArrowInvalid as e:
+        raise InputError(f"{path}: cannot read as {fmt}: {e}") from None
 
 
-def count_rows(files: Sequence[Path]) -> int | None:
-    """Total rows from file metadata (for progress bars); None when a CSV makes it unknown."""
-    total = 0
-    for f in files:
-        fmt = file_format(f)
-        if fmt == "parquet":
-            total += pq.ParquetFile(f).metadata.num_rows
-        elif fmt == "ipc":
-            with pa.memory_map(str(f)) as src:
-                reader = ipc.open_file(src)
-                total += sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
-        else:
-            return None
-    return total
+def _stringy(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)
 
 
 def _file_batches(path: Path, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
@@ -204,85 +208,13 @@ def plain(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
     return arr
 
 
-def check_user_type(t: pa.DataType, where: str) -> None:
-    base = t.value_type if pa.types.is_dictionary(t) else t
-    if not (
-        pa.types.is_integer(base)
-        or pa.types.is_string(base)
-        or pa.types.is_large_string(base)
-        or pa.types.is_string_view(base)
-    ):
-        raise InputError(f"{where}: user id column must be integer or string, got {t}")
-
-
-def check_time_type(t: pa.DataType, where: str) -> None:
-    if not (pa.types.is_timestamp(t) or pa.types.is_integer(t) or pa.types.is_floating(t)):
-        raise InputError(
-            f"{where}: time column must be an Arrow timestamp or an integer epoch (see time_unit), got {t}; "
-            "parse strings into timestamps before tokenizing"
-        )
-
-
-def epoch_seconds(arr: pa.Array, time_unit: str, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """(int64 UTC epoch seconds, bool valid) of a time column.
-
-    Arrow timestamps of any unit count from the UTC epoch whatever their tz (a naive timestamp
-    is taken as UTC), so their int64 storage is used directly and ``time_unit`` is ignored;
-    integers are epochs in ``time_unit``.  Floats are accepted only when integral (pandas turns
-    an int column with nulls into float64).  Sub-second parts are floored.
-    """
-    if isinstance(arr, pa.ChunkedArray):
-        arr = plain(arr)
-    t = arr.type
-    check_time_type(t, where)
-    valid = valid_mask(arr)
-    if pa.types.is_timestamp(t):
-        per_s = _UNIT_PER_SECOND[t.unit]
-        raw = arr.cast(pa.int64())
-    elif pa.types.is_floating(t):
-        per_s = _UNIT_PER_SECOND[time_unit]
-        f = arr.fill_null(0).to_numpy(zero_copy_only=False)
-        valid &= ~np.isnan(f)
-        f = np.where(valid, f, 0)
-        if not np.all(f == np.floor(f)) or np.any(np.abs(f) > 2.0**62):
-            raise InputError(f"{where}: time column holds non-integral or out-of-range epoch values")
-        raw = pa.array(f.astype(np.int64))
-    else:
-        per_s = _UNIT_PER_SECOND[time_unit]
-        raw = arr.cast(pa.int64())
-    values = raw.fill_null(0).to_numpy(zero_copy_only=False) if raw.null_count else raw.to_numpy()
-    if per_s != 1:
-        values = np.floor_divide(values, per_s)
-    return values.astype(np.int64, copy=False), valid
-
-
-def local_seconds(utc_seconds: np.ndarray, timezone: str) -> np.ndarray:
-    """Wall-clock seconds in ``timezone`` (``utc + tz_offset(utc)``) as int64, DST included.
-
-    Arrow's ``local_timestamp`` applies the tz database per instant, so the offset is the one in
-    force at that instant (summer time in summer), which is what the 04:00 boundary means.
-    """
-    utc_seconds = np.ascontiguousarray(utc_seconds, dtype=np.int64)
-    if timezone in ("UTC", "Etc/UTC", "Z"):
-        return utc_seconds.copy()
-    ts = pa.array(utc_seconds, type=pa.timestamp("s", tz=timezone))
-    return pc.local_timestamp(ts).cast(pa.int64()).to_numpy()
-
-
-def valid_mask(arr: pa.Array) -> np.ndarray:
-    """bool numpy mask of non-null entries (all True without a null bitmap)."""
-    if arr.null_count == 0:
-        return np.ones(len(arr), dtype=bool)
-    return arr.is_valid().to_numpy(zero_copy_only=False)
-
-
 def read_files(files: Sequence[Path], columns: Sequence[str]) -> tuple[pa.Table, list[tuple[Path, int]]]:
-    """Small inputs (a user or label table) read whole; also each file's (path, row count)."""
+    """Small inputs (a label table) read whole; also each file's (path, row count)."""
     columns = list(dict.fromkeys(columns))
     schemas = check_columns(files, columns, "table")
     tables, spans = [], []
     for f in files:
-        batches = [c.batch for c in iter_chunks([f], columns)]
+        batches = [b for _, b in iter_piece(f, columns)]
         if not batches:
             continue
         t = pa.Table.from_batches(batches)

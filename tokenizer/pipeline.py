@@ -1,599 +1,688 @@
-"""The tokenize pipeline: raw event tables -> vocabularies -> words -> shards + manifest.
+"""The tokenize run: raw event tables -> vocabularies -> words -> shards + manifest.
 
-    plan      resolve every input, check columns and types      (fails before any work)
-    pass 1    stream every segment, count attribute values      -> vocab/*.arrow
-    pass 2    stream again, drop bad rows (counted by reason), encode attributes to int32 ids
-    partition all events of a set of users: stable sort by (user, time), cut words (Numba)
-    write     shards of ``shard_users`` users, then manifest.json (last, atomically)
+    plan     resolve inputs, check columns and types                  (fails before any work)
+    count    --num-shards jobs only: count users from the id columns   (the shard count)
+    read     decode every input once: judge rows, code attributes, count values, spill rows
+             into partitions by user hash                               (tokenizer/reader.py)
+    vocab    merge the tasks' codes, cut the vocabularies, write vocab/*.arrow
+    words    per unit of hash space: sort, dedupe, cut words, write shards (tokenizer/partition.py)
+    manifest counts add up; manifest.json written last, atomically
 
-This version treats all users as one partition held in memory (int arrays only: ~8 bytes of
-time, 8 of user index and 4 per attribute per event).  :func:`tokenize_partition` takes one
-partition's events and returns its words, so hash-partitioned spill files can later feed it
-partition by partition without touching the word code.
-
-Users are identified across segments and the user table by their raw id and ordered by it
-(ascending), which is the row order of the shards.
+Memory: the reading pass holds one batch per worker; the words pass holds one unit per worker,
+and units are sized from ``memory_limit`` (docs/TOKENIZER.md).  Work is resumable: each reading
+task and each unit records its result in the work directory when done, and a run started again
+with the same arguments skips them.  Output bytes depend only on the input, the schema and
+``shard_users`` (and ``memory_limit`` when one shard would not fit in it), never on
+``workers``, ``batch_rows`` or ``num_shards``.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import threading
+import time
 import warnings
-from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-from tqdm import tqdm
 
-from tokenizer.io import (
-    DEFAULT_BATCH_ROWS,
-    Chunk,
-    InputError,
-    check_columns,
-    check_time_type,
-    check_user_type,
-    count_rows,
-    epoch_seconds,
-    iter_chunks,
-    local_seconds,
-    plain,
-    read_files,
-    resolve_inputs,
-    valid_mask,
+from tokenizer.coders import GlobalCodes, build_vocab, ids_for_vocab, merge_codes
+from tokenizer.hashing import hll_estimate
+from tokenizer.io import DEFAULT_BATCH_ROWS
+from tokenizer.partition import DuplicateFound, Lookups, Unit, WordsContext, process_unit, user_vocab_counts
+from tokenizer.plan import (
+    PHASE2_EXTRA,
+    PHASE2_FACTOR,
+    RESERVED_BYTES,
+    USER,
+    Plan,
+    fingerprint,
+    plan_inputs,
+    pow2_at_least,
+    pow2_nearest,
+    spill_row_bytes,
+    unit_budget,
 )
-from tokenizer.schema import DERIVED_COLUMNS, UNK_ID, SchemaConfig, SegmentSpec, UserAttributeSpec
-from tokenizer.shards import (
-    FORMAT_VERSION,
-    MANIFEST,
-    SHARD_DIR,
-    VOCAB_DIR,
-    SegmentArrays,
-    atomic_write_json,
-    atomic_write_table,
-    build_shard_table,
+from tokenizer.progress import Bar
+from tokenizer.reader import (
+    REASONS,
+    USER_REASONS,
+    BadRowError,
+    JobRange,
+    ReadOptions,
+    TaskReader,
+    count_users,
+    load_result,
+    locate_event,
+    locate_user_row,
+    save_result,
 )
-from tokenizer.vocab import ValueCounter, Vocab, attribute_values, vocab_file
-from tokenizer.words import gather_rows, sort_by_user_time, split_words
+from tokenizer.schema import SchemaConfig
+from tokenizer.shards import FORMAT_VERSION, MANIFEST, SHARD_DIR, VOCAB_DIR, atomic_write_json, atomic_write_tables
+from tokenizer.vocab import Vocab, vocab_file
 
-USER = "user"  # the vocabulary namespace of user attributes (vocab/user.<name>.arrow)
-DROP_REASONS = ("null_user", "null_time", "outside_window")
-_REASON_TEXT = {
-    "null_user": "null or empty user id",
-    "null_time": "null time",
-    "outside_window": "time outside the segment window",
-}
+DEFAULT_MEMORY_LIMIT = 2 << 30
+DEFAULT_SHARD_USERS = 100_000
+PARTS_DIR = "parts"
+_MAX_SHARD_BITS = 20
+# Test hook: "tasks:N" or "units:N" exits the process (like a kill -9) once N reading tasks or
+# words units are done, to test resuming.
+_CRASH_ENV = "USERBERT_TOKENIZE_CRASH"
 
 
-# -- plan ---------------------------------------------------------------------------------------
-@dataclass
-class SegmentPlan:
-    """What to read for one segment and how to judge its rows."""
+class _CrashHook:
+    def __init__(self, phase: str) -> None:
+        kind, _, n = os.environ.get(_CRASH_ENV, "").partition(":")
+        self.after = int(n) if kind == phase and n.isdigit() else 0
+        self.done = 0
+        self.lock = threading.Lock()
 
-    spec: SegmentSpec
-    files: list[Path]
-    user_column: str
-    columns: list[str]  # columns read from the files: user, time, then attribute columns
-    window: tuple[int, int]  # [start, end) UTC epoch seconds
-    window_start_local: int
-    timezone: str
-    needs_local: bool  # daily rule, day positions or a time-derived attribute
-    value_types: list[pa.DataType]  # per attribute: the vocabulary's value type when no data
+    def tick(self) -> None:
+        if self.after:
+            with self.lock:
+                self.done += 1
+                if self.done >= self.after:
+                    os._exit(137)  # die like a killed process, leaving everything as it is
 
-    @property
-    def name(self) -> str:
-        return self.spec.name
+__all__ = ["tokenize", "DEFAULT_MEMORY_LIMIT", "DEFAULT_SHARD_USERS", "USER", "REASONS"]
 
 
 @dataclass
-class UserPlan:
-    files: list[Path]
-    user_column: str
-    specs: list[UserAttributeSpec]
+class Options:
+    shard_users: int
+    strict: bool
+    workers: int
+    memory_limit: int
+    num_shards: int
+    shard_index: int
+    batch_rows: int
+    vocab_dir: Path | None
+
+    def output_key(self) -> dict[str, Any]:
+        """What the output depends on (for the resume fingerprint)."""
+        return {"shard_users": self.shard_users, "strict": self.strict, "memory_limit": self.memory_limit,
+                "num_shards": self.num_shards, "shard_index": self.shard_index, "batch_rows": self.batch_rows,
+                "vocab_dir": str(self.vocab_dir) if self.vocab_dir else None}
 
 
-def _value_type(t: pa.DataType) -> pa.DataType:
-    if pa.types.is_dictionary(t):
-        t = t.value_type
-    if pa.types.is_integer(t):
-        return pa.int64()
-    if pa.types.is_large_string(t) or pa.types.is_string_view(t):
-        return pa.string()
-    return t
+# -- helpers ---------------------------------------------------------------------------------------------------
+def _phase2_bytes(plan: Plan, rows_by_source: dict[int, int]) -> int:
+    """Words-pass bytes of all events: per source, rows x its widest segment's per-event bytes."""
+    total = 0
+    string_ids = str(plan.user_type) == "string"
+    for si, src in enumerate(plan.sources):
+        if src.is_users:
+            continue
+        k = max(len(plan.segments[s].attrs) for s in src.segments)
+        per = spill_row_bytes(k, string_ids) * PHASE2_FACTOR + PHASE2_EXTRA
+        total += int(rows_by_source.get(si, 0) * per)
+    return total
 
 
-def _check_bucket_column(t: pa.DataType, where: str) -> None:
-    if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t)):
-        raise InputError(f"{where}: bucketed column must be numeric, got {t}")
+def _shard_bits(plan: Plan, n_users: float, rows_by_source: dict[int, int], opts: Options) -> int:
+    """log2 of the shard count: about shard_users users per shard, and a shard's events must
+    fit one unit of the words pass."""
+    by_users = pow2_nearest(n_users / opts.shard_users)
+    by_memory = pow2_at_least(_phase2_bytes(plan, rows_by_source) / unit_budget(opts.memory_limit))
+    bits = max(by_users, by_memory, 1).bit_length() - 1
+    return min(bits, _MAX_SHARD_BITS)
 
 
-def plan_inputs(schema: SchemaConfig) -> tuple[list[SegmentPlan], UserPlan | None]:
-    """Resolve inputs and check every file's columns and column types, before reading data."""
-    plans = []
-    user_types: dict[pa.DataType, Path] = {}  # users must compare equal across every input
-    for name, spec in schema.segments.items():
-        if name == USER and schema.user_attributes:
-            raise InputError(f"segments.{USER}: the name {USER!r} is reserved for user attributes")
-        files = resolve_inputs(schema.resolve(spec.path))
-        user_col = spec.user_column or schema.data.user_column
-        attr_cols = [a.column for a in spec.attributes if a.column not in DERIVED_COLUMNS]
-        columns = list(dict.fromkeys([user_col, spec.time_column, *attr_cols]))
-        schemas = check_columns(files, columns, f"segment {name}")
-        value_types: list[pa.DataType] = []
-        for a in spec.attributes:
-            derived = a.column in DERIVED_COLUMNS
-            value_types.append(
-                pa.int64() if derived or a.buckets else _value_type(schemas[files[0]].field(a.column).type)
-            )
-        for f, fs in schemas.items():
-            check_user_type(fs.field(user_col).type, f"{f}: column {user_col!r}")
-            user_types.setdefault(_value_type(fs.field(user_col).type), f)
-            check_time_type(fs.field(spec.time_column).type, f"{f}: column {spec.time_column!r}")
-            for a in spec.attributes:
-                if a.buckets is not None and a.column not in DERIVED_COLUMNS:
-                    _check_bucket_column(fs.field(a.column).type, f"{f}: column {a.column!r}")
-        start, end = schema.window_seconds(spec)
-        needs_local = (
-            spec.word_rule == "daily"
-            or spec.position_unit == "day"
-            or any(a.column in DERIVED_COLUMNS for a in spec.attributes)
-        )
-        plans.append(
-            SegmentPlan(
-                spec,
-                files,
-                user_col,
-                columns,
-                (start, end),
-                int(local_seconds(np.array([start]), schema.data.timezone)[0]),
-                schema.data.timezone,
-                needs_local,
-                value_types,
-            )
-        )
-    users = None
-    if schema.data.users:
-        files = resolve_inputs(schema.resolve(schema.data.users))
-        user_col = schema.data.user_column
-        columns = list(dict.fromkeys([user_col, *(u.column for u in schema.user_attributes)]))
-        schemas = check_columns(files, columns, "user table")
-        for f, fs in schemas.items():
-            check_user_type(fs.field(user_col).type, f"{f}: column {user_col!r}")
-            user_types.setdefault(_value_type(fs.field(user_col).type), f)
-            for u in schema.user_attributes:
-                if u.buckets is not None:
-                    _check_bucket_column(fs.field(u.column).type, f"{f}: column {u.column!r}")
-        users = UserPlan(files, user_col, list(schema.user_attributes))
-    elif schema.user_attributes:
-        raise InputError("user_attributes are configured but [data].users names no user table")
-    user_types.pop(pa.null(), None)  # an all-empty CSV column says nothing
-    if len(user_types) > 1:
-        found = "; ".join(f"{t} in {f}" for t, f in user_types.items())
-        raise InputError(f"user ids must have one type (integer or string) in every input, found {found}")
-    return plans, users
+def job_shards(shard_bits: int, num_shards: int, index: int) -> tuple[int, int]:
+    """The shards [first, stop) of job ``index`` of ``num_shards`` (any num_shards)."""
+    s = 1 << shard_bits
+    return -(-index * s // num_shards), -(-(index + 1) * s // num_shards)
 
 
-# -- bad rows -----------------------------------------------------------------------------------
-@dataclass
-class CleanChunk:
-    """The good rows of a chunk: user ids, times, and the batch for the attribute columns."""
-
-    users: pa.Array
-    t_utc: np.ndarray  # int64 UTC epoch seconds
-    t_local: np.ndarray | None  # int64 local wall-clock seconds (when the plan needs them)
-    batch: pa.RecordBatch
+def _work_dir(out: Path, opts: Options, work_dir: Path | None) -> Path:
+    if work_dir is not None:
+        return Path(work_dir)
+    if opts.num_shards > 1:
+        return out / f"_work-{opts.shard_index:05d}-of-{opts.num_shards:05d}"
+    return out / "_work"
 
 
-def _empty_user(users: pa.Array) -> np.ndarray:
-    """bool: null ids, and empty strings (a CSV's blank field, or a writer's placeholder)."""
-    bad = ~valid_mask(users)
-    if pa.types.is_string(users.type) or pa.types.is_binary(users.type):
-        empty = pc.equal(pc.binary_length(users), 0).fill_null(False)
-        bad |= empty.to_numpy(zero_copy_only=False)
-    return bad
+def _prepare_work(work: Path, fp: str) -> bool:
+    """Create the work dir; keep it if it belongs to this exact run (resume), else start afresh."""
+    state = work / "state.json"
+    if state.is_file():
+        try:
+            if json.loads(state.read_text()).get("fingerprint") == fp:
+                return True
+        except (json.JSONDecodeError, OSError):
+            pass
+        shutil.rmtree(work)
+    elif work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    (work / "tasks").mkdir()
+    (work / "units").mkdir()
+    atomic_write_json(state, {"fingerprint": fp}, durable=False)
+    return False
 
 
-def clean_chunk(
-    chunk: Chunk, plan: SegmentPlan, strict: bool, dropped: Counter, need_local: bool = True
-) -> CleanChunk:
-    """Drop the bad rows of a chunk, counting them by reason (or raising at the first if strict).
-
-    Each bad row counts once, under its first reason in the order null_user, null_time,
-    outside_window.
-    """
-    spec = plan.spec
-    batch = chunk.batch
-    users = plain(batch.column(plan.user_column))
-    t, t_ok = epoch_seconds(
-        batch.column(spec.time_column), spec.time_unit, f"{chunk.file}: column {spec.time_column!r}"
-    )
-    bad_user = _empty_user(users)
-    bad_time = ~t_ok & ~bad_user
-    start, end = plan.window
-    outside = ~bad_user & ~bad_time & ((t < start) | (t >= end))
-    masks = (bad_user, bad_time, outside)
-    bad = bad_user | bad_time | outside
-    if bad.any():
-        if strict:
-            i = int(np.argmax(bad))
-            reason = next(r for r, m in zip(DROP_REASONS, masks) if m[i])
-            detail = {
-                "null_user": f"column {plan.user_column!r}",
-                "null_time": f"column {spec.time_column!r}",
-                "outside_window": f"t={int(t[i])} not in [{start}, {end}) UTC seconds",
-            }[reason]
-            where = f"{chunk.file}: row {chunk.row_start + i} (0-based)"
-            raise ValueError(f"{where}: {_REASON_TEXT[reason]} ({detail}) in segment {plan.name!r}")
-        for r, m in zip(DROP_REASONS, masks):
-            dropped[r] += int(m.sum())
-        keep = ~bad
-        keep_pa = pa.array(keep)
-        users = users.filter(keep_pa)
-        t = t[keep]
-        batch = batch.filter(keep_pa)
-    t_local = local_seconds(t, plan.timezone) if plan.needs_local and need_local else None
-    return CleanChunk(users, t, t_local, batch)
+def _run_parallel(items: list[Any], fn: Callable[[Any], None], workers: int, cancel: threading.Event) -> None:
+    """Run fn over items with up to ``workers`` threads; the first error cancels the rest."""
+    if workers <= 1 or len(items) <= 1:
+        for it in items:
+            fn(it)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending = {pool.submit(fn, it) for it in items}
+        done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+        for f in done:
+            if f.exception() is not None:
+                cancel.set()
+                for p in pending:
+                    p.cancel()
+                wait(pending)
+                raise f.exception()
+        for f in pending:
+            f.result()
 
 
-def _attribute_column(clean: CleanChunk, plan: SegmentPlan, k: int, where: str) -> pa.Array:
-    spec = plan.spec.attributes[k]
-    column = None if spec.column in DERIVED_COLUMNS else clean.batch.column(spec.column)
-    return attribute_values(spec, column, clean.t_local, where)
+def _flat_luts(per_task: list[list[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Task tables [task][attr] -> (flat int32, bases int64 [T, K])."""
+    t = len(per_task)
+    k = len(per_task[0]) if t else 0
+    bases = np.zeros((t, k), np.int64)
+    parts, pos = [], 0
+    for i, row in enumerate(per_task):
+        for j, lut in enumerate(row):
+            bases[i, j] = pos
+            parts.append(lut)
+            pos += len(lut)
+    return (np.concatenate(parts).astype(np.int32) if parts else np.zeros(1, np.int32)), bases
 
 
-def _chunks(plan: SegmentPlan, batch_rows: int, desc: str, progress: bool) -> Iterator[Chunk]:
-    total = count_rows(plan.files) if progress else None
-    with tqdm(total=total, desc=desc, unit="rows", unit_scale=True, disable=not progress, leave=False) as bar:
-        for chunk in iter_chunks(plan.files, plan.columns, batch_rows):
-            yield chunk
-            bar.update(chunk.batch.num_rows)
+def _flat_ids(ids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    bases = np.zeros(len(ids), np.int64)
+    pos = 0
+    for j, a in enumerate(ids):
+        bases[j] = pos
+        pos += len(a)
+    return (np.concatenate(ids).astype(np.int32) if ids else np.zeros(1, np.int32)), bases
 
 
-# -- pass 1: vocabularies -------------------------------------------------------------------------
-def count_segment_vocabs(
-    plan: SegmentPlan, *, strict: bool = False, batch_rows: int = DEFAULT_BATCH_ROWS, progress: bool = False
-) -> list[Vocab]:
-    """Stream one segment's good rows and build the vocabulary of each attribute."""
-    counters = [ValueCounter(f"segment {plan.name}, attribute {a.name}") for a in plan.spec.attributes]
-    dropped: Counter = Counter()
-    derived = any(a.column in DERIVED_COLUMNS for a in plan.spec.attributes)  # else local time is unused
-    for chunk in _chunks(plan, batch_rows, f"vocab {plan.name}", progress):
-        clean = clean_chunk(chunk, plan, strict, dropped, need_local=derived)
-        for k, counter in enumerate(counters):
-            where = f"{chunk.file}: column {plan.spec.attributes[k].column!r}"
-            counter.update(_attribute_column(clean, plan, k, where))
-    vocabs = []
-    for spec, counter, vtype in zip(plan.spec.attributes, counters, plan.value_types):
-        values, counts = counter.result(vtype)
-        vocabs.append(Vocab.from_counts(values, counts, spec.min_count, spec.max_vocab))
-    return vocabs
-
-
-# -- the user table -------------------------------------------------------------------------------
-@dataclass
-class UserTable:
-    """Good rows of the user table: unique ids (first row wins) and their attribute values."""
-
-    ids: pa.Array
-    values: list[pa.Array]  # per user attribute, the values counted and encoded (bucketed etc.)
-    dropped: dict[str, int] = field(default_factory=dict)
-
-
-def read_user_table(plan: UserPlan, strict: bool = False) -> UserTable:
-    """Read the (small) user table whole; null ids are bad rows, duplicate ids keep their first row."""
-    table, spans = read_files(plan.files, [plan.user_column, *(u.column for u in plan.specs)])
-    ids = plain(table.column(plan.user_column))
-    bad = _empty_user(ids) if len(ids) else np.zeros(0, bool)
-    if strict and bad.any():
-        i = int(np.argmax(bad))
-        file, row = _locate(spans, i)
-        raise ValueError(
-            f"{file}: row {row} (0-based): null or empty user id (column {plan.user_column!r}) "
-            "in the user table"
-        )
-    keep = ~bad
-    rows = np.flatnonzero(keep)
-    good_ids = ids.filter(pa.array(keep)) if bad.any() else ids
-    # First occurrence of each id, in file order.
-    codes = pc.index_in(good_ids, value_set=pc.unique(good_ids)).to_numpy(zero_copy_only=False)
-    _, first = np.unique(codes, return_index=True)
-    first.sort()
-    if strict and len(first) < len(good_ids):
-        dup = np.setdiff1d(np.arange(len(good_ids)), first)[0]
-        file, row = _locate(spans, int(rows[dup]))
-        raise ValueError(
-            f"{file}: row {row} (0-based): duplicate user id {good_ids[int(dup)].as_py()!r} in the user table"
-        )
-    take = pa.array(rows[first])
-    values = []
-    for u in plan.specs:
-        values.append(
-            attribute_values(
-                u, plain(table.column(u.column)).take(take), where=f"user table column {u.column!r}"
-            )
-        )
-    dropped = {"null_user": int(bad.sum()), "duplicate_user": int(len(good_ids) - len(first))}
-    return UserTable(ids.take(take), values, dropped)
-
-
-def _locate(spans: list[tuple[Path, int]], i: int) -> tuple[Path, int]:
-    for file, n in spans:
-        if i < n:
-            return file, i
-        i -= n
-    raise IndexError(i)
-
-
-# -- pass 2: encoded events -----------------------------------------------------------------------
-@dataclass
-class SegmentEvents:
-    """One segment's good events, attributes encoded, in input order."""
-
-    users: pa.ChunkedArray  # raw user id of each event
-    t_utc: np.ndarray  # int64 [n]
-    t_local: np.ndarray | None  # int64 [n]
-    attr_ids: np.ndarray  # int32 [n, K]
-    rows_read: int = 0
-    dropped: dict[str, int] = field(default_factory=dict)
-
-
-def read_segment_events(
-    plan: SegmentPlan,
-    vocabs: Sequence[Vocab],
-    *,
-    strict: bool = False,
-    batch_rows: int = DEFAULT_BATCH_ROWS,
-    progress: bool = False,
-) -> SegmentEvents:
-    """Stream a segment, drop and count bad rows, and encode each attribute to int32 ids."""
-    k = len(plan.spec.attributes)
-    dropped: Counter = Counter({r: 0 for r in DROP_REASONS})
-    users, times, local, ids = [], [], [], []
-    rows = 0
-    for chunk in _chunks(plan, batch_rows, f"encode {plan.name}", progress):
-        rows += chunk.batch.num_rows
-        clean = clean_chunk(chunk, plan, strict, dropped)
-        block = np.empty((len(clean.t_utc), k), np.int32)
-        for j, vocab in enumerate(vocabs):
-            where = f"{chunk.file}: column {plan.spec.attributes[j].column!r}"
-            block[:, j] = vocab.encode(_attribute_column(clean, plan, j, where))
-        users.append(clean.users)
-        times.append(clean.t_utc)
-        if clean.t_local is not None:
-            local.append(clean.t_local)
-        ids.append(block)
-    user_type = users[0].type if users else pa.int64()
-    try:
-        user_arr = pa.chunked_array(users, type=user_type)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        raise InputError(f"segment {plan.name}: user id column type differs between files") from None
-    return SegmentEvents(
-        user_arr,
-        np.concatenate(times) if times else np.zeros(0, np.int64),
-        (np.concatenate(local) if local else np.zeros(0, np.int64)) if plan.needs_local else None,
-        np.concatenate(ids) if ids else np.zeros((0, k), np.int32),
-        rows,
-        dict(dropped),
-    )
-
-
-# -- one partition: users -> words ------------------------------------------------------------------
-def user_universe(id_arrays: Sequence[pa.Array | pa.ChunkedArray]) -> pa.Array:
-    """Sorted distinct user ids over every source (segments and the user table)."""
-    types = {a.type for a in id_arrays if len(a)}
-    if len(types) > 1:
-        raise InputError(f"user ids have different types across inputs: {', '.join(map(str, types))}")
-    if not types:
-        t = id_arrays[0].type if id_arrays else pa.int64()
-        return pa.array([], type=t)
-    chunks = [c for a in id_arrays for c in (a.chunks if isinstance(a, pa.ChunkedArray) else [a]) if len(c)]
-    uniq = pc.unique(pa.chunked_array(chunks))
-    if isinstance(uniq, pa.ChunkedArray):
-        uniq = uniq.combine_chunks()
-    return uniq.take(pc.array_sort_indices(uniq))
-
-
-def dense_user_index(users: pa.Array | pa.ChunkedArray, universe: pa.Array) -> np.ndarray:
-    """int64 row of each event's user in the sorted ``universe`` (every id must be present)."""
-    if len(users) == 0:
-        return np.zeros(0, np.int64)
-    if pa.types.is_integer(universe.type):
-        u = universe.to_numpy()
-        q = (
-            users.to_numpy()
-            if isinstance(users, pa.Array)
-            else np.concatenate([c.to_numpy() for c in users.chunks])
-        )
-        lo, span = int(u[0]), int(u[-1]) - int(u[0]) + 1
-        if span <= 4 * len(u) + (1 << 20):
-            # Dense-ish ids (the usual case): a lookup table is one gather per event.
-            lut = np.empty(span, np.int64)
-            lut[u - lo] = np.arange(len(u), dtype=np.int64)
-            return lut[q - lo]
-        return np.searchsorted(u, q).astype(np.int64)
-    idx = pc.index_in(users, value_set=universe)
-    if isinstance(idx, pa.ChunkedArray):
-        idx = idx.combine_chunks()
-    return idx.to_numpy(zero_copy_only=False).astype(np.int64)
-
-
-@dataclass
-class PartitionWords:
-    """Output of one partition: per segment the CSR words, plus its counts."""
-
-    segments: list[SegmentArrays]
-    counts: dict[str, dict[str, int]]
-    max_pos: dict[str, int]
-
-
-def tokenize_partition(
-    universe: pa.Array, plans: Sequence[SegmentPlan], events: Sequence[SegmentEvents]
-) -> PartitionWords:
-    """Sort each segment's events by (user, time), cut words, gather the kept attribute rows.
-
-    ``universe`` is the partition's sorted user ids; a user with no events in a segment gets
-    zero words there.
-    """
-    n_users = len(universe)
-    segments, counts, max_pos = [], {}, {}
-    for plan, ev in zip(plans, events):
-        spec = plan.spec
-        uidx = dense_user_index(ev.users, universe)
-        perm, offsets = sort_by_user_time(uidx, ev.t_utc, n_users)
-        t_local = ev.t_local[perm] if ev.t_local is not None else None
-        words = split_words(
-            offsets,
-            ev.t_utc[perm],
-            t_local,
-            rule=spec.word_rule,
-            position_unit=spec.position_unit,
-            day_start_hour=spec.day_start_hour,
-            gap_minutes=spec.gap_minutes,
-            window_start_utc=plan.window[0],
-            window_start_local=plan.window_start_local,
-            max_words=spec.max_words,
-            max_actions_per_word=spec.max_actions_per_word,
-        )
-        attr = gather_rows(np.ascontiguousarray(ev.attr_ids), perm, words.keep)
-        segments.append(
-            SegmentArrays(
-                spec.name,
-                [a.name for a in spec.attributes],
-                words.user_word_offsets,
-                words.word_pos,
-                words.word_len,
-                words.user_action_offsets,
-                attr,
-            )
-        )
-        counts[spec.name] = {
-            "events": len(ev.t_utc),
-            "words": len(words.word_pos),
-            "actions": len(words.keep),
-            "words_truncated": words.words_truncated,
-            "actions_capped": words.actions_capped,
-        }
-        if len(words.word_pos) and words.word_pos.min() < 0:
-            raise AssertionError(f"segment {spec.name}: negative position (events before the window?)")
-        max_pos[spec.name] = int(words.word_pos.max()) if len(words.word_pos) else -1
-    return PartitionWords(segments, counts, max_pos)
-
-
-def encode_user_attributes(
-    universe: pa.Array, table: UserTable | None, vocabs: Sequence[Vocab]
-) -> np.ndarray:
-    """int32 [N, U]: each user's attribute ids; 1 (unknown) for users without a row."""
-    out = np.full((len(universe), len(vocabs)), UNK_ID, np.int32)
-    if table is None or len(table.ids) == 0:
-        return out
-    rows = dense_user_index(table.ids, universe)
-    for j, vocab in enumerate(vocabs):
-        out[rows, j] = vocab.encode(table.values[j])
-    return out
-
-
-# -- the whole run ----------------------------------------------------------------------------------
-def _load_vocabs(schema: SchemaConfig, vocab_dir: Path) -> tuple[dict[str, list[Vocab]], list[Vocab]]:
-    seg = {
-        name: [Vocab.load(vocab_file(vocab_dir, name, a.name)) for a in spec.attributes]
-        for name, spec in schema.segments.items()
-    }
-    return seg, [Vocab.load(vocab_file(vocab_dir, USER, u.name)) for u in schema.user_attributes]
-
-
+# -- the run ------------------------------------------------------------------------------------------------------
 def tokenize(
     schema: SchemaConfig,
     out_dir: str | Path,
     *,
-    shard_users: int = 100_000,
+    shard_users: int = DEFAULT_SHARD_USERS,
     strict: bool = False,
     progress: bool = True,
     vocab_dir: str | Path | None = None,
     batch_rows: int = DEFAULT_BATCH_ROWS,
+    workers: int = 1,
+    memory_limit: int = DEFAULT_MEMORY_LIMIT,
+    num_shards: int = 1,
+    shard_index: int = 0,
+    work_dir: str | Path | None = None,
+    keep_work: bool = False,
+    task_rows: int | None = None,
+    spill: str = "auto",
+    partitions: int | None = None,
+    stats: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Tokenize the schema's inputs into ``out_dir`` (FORMATS.md §4); returns the manifest.
 
-    ``vocab_dir`` reuses existing vocabularies (e.g. a pretraining run's, so that fine-tuning
-    data gets the same ids) instead of counting; they are copied into ``out_dir/vocab``.
-    ``strict`` turns the first bad row into a ValueError naming the file and row.
+    - ``vocab_dir`` reuses existing vocabularies (e.g. a pretraining run's, so that fine-tuning
+      data gets the same ids) instead of counting; they are copied into ``out_dir/vocab``.
+    - ``strict`` turns the first bad row into a ValueError naming the file and row.
+    - ``workers`` threads read tasks and process units in parallel; ``memory_limit`` (bytes)
+      bounds the words pass (units are sized to fit; see docs/TOKENIZER.md).
+    - ``num_shards``/``shard_index``: this run is job ``shard_index`` of ``num_shards``; it
+      writes its shards and ``parts/part-<i>-of-<K>.json`` (returned), and
+      :func:`tokenizer.merge.merge_parts` writes the manifest once all parts are there.
+    - ``work_dir`` (default ``out_dir/_work``) holds spill files and per-task/unit results; it
+      is removed at the end unless ``keep_work``.  A run started again resumes from it.
+    - ``task_rows`` (rows per reading task) and ``partitions`` (a power of two: spill
+      partitions) override how the work is split; they never change the output.
+    - ``spill``: "auto" keeps the partitioned events in memory when they are small next to
+      the budget and writes them to the work directory otherwise; "disk" or "memory" force it.
+    - ``stats``, if given, receives timings and resume counts (for the summary).
     """
-    if shard_users < 1:
-        raise ValueError(f"shard_users must be >= 1, got {shard_users}")
-    out = Path(out_dir)
-    plans, user_plan = plan_inputs(schema)
+    if spill not in ("auto", "disk", "memory"):
+        raise ValueError(f"spill must be 'auto', 'disk' or 'memory', got {spill!r}")
+    opts = Options(shard_users, strict, workers, memory_limit, num_shards, shard_index, batch_rows,
+                   Path(vocab_dir) if vocab_dir is not None else None)
+    _check_options(opts)
+    stats = stats if stats is not None else {}
+    stats.update({"out": str(out_dir), "memory_limit": memory_limit, "seconds": {}})
+    t0 = time.perf_counter()
+    plan = plan_inputs(schema, task_rows, workers)
+    run = _Run(plan, opts, Path(out_dir), progress, stats)
+    run.prepare(Path(work_dir) if work_dir else None)
+    stats["seconds"]["plan"] = time.perf_counter() - t0
+    if num_shards > 1:
+        run.timed("count", run.count_users)
+    run.timed("read", lambda: run.read(spill, partitions))
+    run.timed("vocab", run.vocabularies)
+    run.timed("words", run.words)
+    manifest = run.finish()
+    if not keep_work:
+        shutil.rmtree(run.work, ignore_errors=True)
+    return manifest
 
-    # A stale manifest must not vouch for shards that are about to be replaced.
-    (out / MANIFEST).unlink(missing_ok=True)
 
-    user_table = read_user_table(user_plan, strict) if user_plan else None
-    if vocab_dir is not None:
-        seg_vocabs, user_vocabs = _load_vocabs(schema, Path(vocab_dir))
-    else:
-        seg_vocabs = {
-            p.name: count_segment_vocabs(p, strict=strict, batch_rows=batch_rows, progress=progress)
-            for p in plans
-        }
-        user_vocabs = []
-        for j, u in enumerate(schema.user_attributes):
-            counter = ValueCounter(f"user attribute {u.name}")
-            counter.update(user_table.values[j])
-            values, counts = counter.result(user_table.values[j].type)
-            user_vocabs.append(Vocab.from_counts(values, counts, u.min_count, u.max_vocab))
-    for p in plans:
-        for a, v in zip(p.spec.attributes, seg_vocabs[p.name]):
-            v.save(vocab_file(out / VOCAB_DIR, p.name, a.name))
-    for u, v in zip(schema.user_attributes, user_vocabs):
-        v.save(vocab_file(out / VOCAB_DIR, USER, u.name))
+class _Run:
+    """One tokenize run, phase by phase (see the module doc); the phases share this state."""
 
-    events = [
-        read_segment_events(p, seg_vocabs[p.name], strict=strict, batch_rows=batch_rows, progress=progress)
-        for p in plans
-    ]
-    rows_read = {p.name: ev.rows_read for p, ev in zip(plans, events)}
-    dropped_rows = {p.name: ev.dropped for p, ev in zip(plans, events)}
-    sources = [ev.users for ev in events] + ([user_table.ids] if user_table is not None else [])
-    universe = user_universe(sources)
-    part = tokenize_partition(universe, plans, events)
-    user_attr_ids = encode_user_attributes(universe, user_table, user_vocabs)
-    del events
+    def __init__(self, plan: Plan, opts: Options, out: Path, progress: bool, stats: dict[str, Any]) -> None:
+        self.plan, self.opts, self.out, self.progress, self.stats = plan, opts, out, progress, stats
+        self.cancel = threading.Event()
+        self.string_ids = str(plan.user_type) == "string"
+        self.seeds = _load_seeds(plan, opts.vocab_dir)
+        self.job: JobRange | None = None
+        self.shard_bits: int | None = None
+        self.budget = unit_budget(opts.memory_limit)
 
-    shards = write_shards(
-        out,
-        universe,
-        [u.name for u in schema.user_attributes],
-        user_attr_ids,
-        part.segments,
-        shard_users,
-        progress,
-    )
+    def timed(self, name: str, phase: Callable[[], None]) -> None:
+        t = time.perf_counter()
+        phase()
+        self.stats["seconds"][name] = time.perf_counter() - t
 
-    seg_meta = {}
-    for p, vocabs in zip(plans, (seg_vocabs[p.name] for p in plans)):
-        num_positions = schema.num_positions(p.spec)
-        if part.max_pos[p.name] >= num_positions:
-            # Only a window edge across a DST change can do this; keep the table large enough.
-            warnings.warn(
-                f"segment {p.name}: position {part.max_pos[p.name]} >= num_positions {num_positions}; "
-                "num_positions raised to fit",
-                stacklevel=2,
+    def prepare(self, work_dir: Path | None) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.opts.num_shards == 1:
+            (self.out / MANIFEST).unlink(missing_ok=True)  # a stale manifest must not vouch for new shards
+        self.work = _work_dir(self.out, self.opts, work_dir)
+        self.stats["resumed"] = _prepare_work(self.work, fingerprint(self.plan, self.opts.output_key()))
+
+    # -- count (jobs of --num-shards only) -----------------------------------------------------------------------
+    def count_users(self) -> None:
+        """Every job needs the single run's shard count before it spills: count users first."""
+        self.shard_bits = _job_shard_bits(self.plan, self.opts, self.work, self.progress)
+        first, stop = job_shards(self.shard_bits, self.opts.num_shards, self.opts.shard_index)
+        self.job = JobRange(self.shard_bits, first, stop)
+
+    # -- read --------------------------------------------------------------------------------------------------------
+    def _partition_bits(self, partitions: int | None) -> int:
+        state = self.work / "read.json"
+        if state.is_file():  # resuming: the spill files on disk fix the partitions
+            return json.loads(state.read_text())["partition_bits"]
+        if partitions is not None:
+            bits = max(0, int(partitions).bit_length() - 1)
+        else:
+            job_rows = {i: sum(s.est_rows) // self.opts.num_shards for i, s in enumerate(self.plan.sources)}
+            # Enough partitions that one holds about a unit's worth of this job's events, and two
+            # per worker (given a few million events) so that the words pass has units to run in
+            # parallel; more partitions never change the output.
+            by_memory = pow2_at_least(_phase2_bytes(self.plan, job_rows) / self.budget)
+            w = self.opts.workers
+            by_workers = pow2_at_least(min(2 * w, sum(job_rows.values()) / (1 << 20))) if w > 1 else 1
+            bits = min(12, max(by_memory, by_workers).bit_length() - 1)
+        atomic_write_json(state, {"partition_bits": bits}, durable=False)
+        return bits
+
+    def read(self, spill: str, partitions: int | None) -> None:
+        plan, opts, work = self.plan, self.opts, self.work
+        self.part_bits = self._partition_bits(partitions)
+        # Inputs whose spill fits well inside the budget stay in memory (no disk round trip).
+        est_spill = sum(sum(src.est_rows) // opts.num_shards * spill_row_bytes(
+            max(len(plan.segments[s].attrs) for s in src.segments), self.string_ids)
+            for src in plan.sources if not src.is_users)
+        in_memory = spill == "memory" or (spill == "auto" and est_spill <= self.budget // 3)
+        self.stats["spill_in_memory"] = in_memory
+        read_opts = ReadOptions(
+            self.part_bits, self.job, opts.shard_index, opts.strict, self.seeds, opts.batch_rows,
+            use_threads=opts.workers == 1, cancel=self.cancel,
+            pending_bytes=max(4 << 20, min(64 << 20, self.budget // (8 * opts.workers))),
+        )
+        todo = [t for t in range(len(plan.tasks)) if not (work / "tasks" / f"t{t:05d}.json").is_file()]
+        self.stats["resumed_tasks"] = len(plan.tasks) - len(todo)
+        bar = Bar("read", sum(sum(s.est_rows) for s in plan.sources), self.progress)
+        read_opts.progress = bar.update
+        bar.update(sum(p.est_rows for t in range(len(plan.tasks)) if t not in todo for p in plan.tasks[t]))
+        held: dict[int, dict[str, Any]] = {}
+        crash = _CrashHook("tasks")
+
+        def run_task(t: int) -> None:
+            path = None if in_memory else work / "tasks" / f"t{t:05d}.spill"
+            result = TaskReader(plan, t, path, read_opts).run(plan.tasks[t])
+            if in_memory:
+                held[t] = result  # nothing to resume from: a restart reads again
+            else:
+                save_result(work / "tasks" / f"t{t:05d}.json", result)
+            crash.tick()
+
+        try:
+            _run_parallel(todo, run_task, opts.workers, self.cancel)
+        finally:
+            bar.close()
+        self.results = [held[t] if t in held else load_result(work / "tasks" / f"t{t:05d}.json")
+                        for t in range(len(plan.tasks))]
+        self.spills = []
+        for t, r in enumerate(self.results):
+            if r.get("blocks") is not None:
+                self.spills.append((r["blocks"], r["index"]))
+                continue
+            path = work / "tasks" / f"t{t:05d}.spill"
+            if not path.is_file() or path.stat().st_size != r["spill_size"]:
+                raise OSError(f"{path}: spill file missing or truncated; delete {work} and run again")
+            self.spills.append((path, r["index"]))
+        self.stats["spill_bytes"] = sum(r["spill_size"] for r in self.results)
+        self.stats["partitions"] = 1 << self.part_bits
+
+    # -- vocab -------------------------------------------------------------------------------------------------------
+    def vocabularies(self) -> None:
+        plan, results = self.plan, self.results
+        if self.shard_bits is None:
+            hll = np.max(np.stack([r["hll"] for r in results]), axis=0) if results else np.zeros(1 << 14, np.uint8)
+            rows_by_source: dict[int, int] = {}
+            for r in results:
+                for s, n in r["source_rows"].items():
+                    rows_by_source[s] = rows_by_source.get(s, 0) + n
+            self.shard_bits = _shard_bits(plan, hll_estimate(hll), rows_by_source, self.opts)
+        lookups, self.vocabs, user_globals = _vocabularies(plan, results, self.seeds)
+        self.ctx = WordsContext(plan, self.out, self.spills, self.shard_bits, lookups, self.string_ids,
+                                [u.name for u in plan.schema.user_attributes], self.opts.strict)
+        if plan.users is not None:
+            self.vocabs[len(plan.segments)] = _user_vocabularies(
+                plan, self.ctx, user_globals, self.seeds, self.part_bits, self.work, self.opts.workers, self.cancel
             )
-            num_positions = part.max_pos[p.name] + 1
-        seg_meta[p.name] = {
-            "attributes": [a.name for a in p.spec.attributes],
-            "vocab_sizes": [v.size for v in vocabs],
-            "dims": [a.dim for a in p.spec.attributes],
+        _write_vocabs(plan, self.out, self.vocabs)
+
+    # -- words -------------------------------------------------------------------------------------------------------
+    def words(self) -> None:
+        opts, work, ctx = self.opts, self.work, self.ctx
+        self.own = job_shards(self.shard_bits, opts.num_shards, opts.shard_index)
+        units = plan_units(self.spills, self.part_bits, self.shard_bits, self.own, self.budget,
+                           [len(seg.attrs) for seg in self.plan.segments])
+        todo = [u for u in units if not (work / "units" / f"u{u.index:05d}.json").is_file()]
+        self.stats["resumed_units"] = len(units) - len(todo)
+        biggest = max((u.est_bytes for u in units), default=1)
+        concurrency = max(1, min(opts.workers, (opts.memory_limit - RESERVED_BYTES) // max(1, biggest)))
+        if len(todo) < concurrency and biggest <= self.budget:
+            ctx.segment_threads = concurrency
+        bar = Bar("words", sum(u.est_bytes for u in units), self.progress and bool(units), unit="B")
+        bar.update(sum(u.est_bytes for u in units if u not in todo))
+        crash = _CrashHook("units")
+
+        def run_unit(u: Unit) -> None:
+            if self.cancel.is_set():
+                raise InterruptedError("cancelled")
+            try:
+                res = process_unit(ctx, u)
+            except DuplicateFound as d:
+                raise _duplicate_error(self.plan, self.results, d) from None
+            atomic_write_json(work / "units" / f"u{u.index:05d}.json", res, durable=False)
+            bar.update(u.est_bytes)
+            crash.tick()
+
+        try:
+            _run_parallel(todo, run_unit, concurrency, self.cancel)
+        finally:
+            bar.close()
+        self.unit_results = [json.loads((work / "units" / f"u{u.index:05d}.json").read_text()) for u in units]
+
+    # -- manifest ----------------------------------------------------------------------------------------------------
+    def finish(self) -> dict[str, Any]:
+        opts, out = self.opts, self.out
+        manifest = _manifest(self.plan, self.plan.schema, self.results, self.unit_results, self.vocabs,
+                             self.shard_bits, opts)
+        if opts.num_shards == 1:
+            atomic_write_json(out / MANIFEST, manifest)
+            keep = {Path(s["file"]).name for s in manifest["shards"]}
+            for old in (out / SHARD_DIR).glob("shard-*.arrow"):
+                if old.name not in keep:
+                    old.unlink()
+        else:
+            manifest["part"] = {"index": opts.shard_index, "of": opts.num_shards, "shards": list(self.own),
+                                "shard_bits": self.shard_bits}
+            atomic_write_json(out / PARTS_DIR / part_name(opts.shard_index, opts.num_shards), manifest)
+        return manifest
+
+
+def _duplicate_error(plan: Plan, results: list[dict[str, Any]], d: DuplicateFound) -> BadRowError:
+    if d.kind == "user":
+        f, row = locate_user_row(plan, plan.tasks, [r["piece_rows"] for r in results], d.value)
+        return BadRowError(f"{f}: row {row} (0-based): duplicate user id {d.key!r} in the user table")
+    f, row = locate_event(plan, d.segment, d.key, d.value)
+    return BadRowError(f"{f}: row {row} (0-based): duplicate event (user {d.key!r}, same time and attribute "
+                       f"values as an earlier row) in segment {d.segment!r}")
+
+
+def part_name(index: int, of: int) -> str:
+    return f"part-{index:05d}-of-{of:05d}.json"
+
+
+def _check_options(opts: Options) -> None:
+    if opts.shard_users < 1:
+        raise ValueError(f"shard_users must be >= 1, got {opts.shard_users}")
+    if opts.workers < 1:
+        raise ValueError(f"workers must be >= 1, got {opts.workers}")
+    if opts.memory_limit < RESERVED_BYTES + (64 << 20):
+        raise ValueError(f"memory_limit must be at least {(RESERVED_BYTES >> 20) + 64} MiB, "
+                         f"got {opts.memory_limit >> 20} MiB")
+    if opts.num_shards < 1 or not 0 <= opts.shard_index < opts.num_shards:
+        raise ValueError(f"need num_shards >= 1 and 0 <= shard_index < num_shards, got "
+                         f"{opts.shard_index} of {opts.num_shards}")
+    if opts.batch_rows < 1:
+        raise ValueError(f"batch_rows must be >= 1, got {opts.batch_rows}")
+
+
+def _job_shard_bits(plan: Plan, opts: Options, work: Path, progress: bool) -> int:
+    path = work / "count.json"
+    if path.is_file():
+        return json.loads(path.read_text())["shard_bits"]
+    bar = Bar("count users", sum(sum(s.est_rows) for s in plan.sources), progress)
+    try:
+        hll, rows = count_users(plan, opts.batch_rows, bar.update)
+    finally:
+        bar.close()
+    bits = _shard_bits(plan, hll_estimate(hll), rows, opts)
+    atomic_write_json(path, {"shard_bits": bits}, durable=False)
+    return bits
+
+
+# -- vocabularies ------------------------------------------------------------------------------------------------
+def _load_seeds(plan: Plan, vocab_dir: Path | None) -> dict[tuple[int, int], Vocab]:
+    if vocab_dir is None:
+        return {}
+    seeds = {}
+    for seg in plan.segments:
+        for k, a in enumerate(seg.attrs):
+            seeds[(seg.index, k)] = Vocab.load(vocab_file(vocab_dir, seg.name, a.name))
+    if plan.users is not None:
+        for k, a in enumerate(plan.users.attrs):
+            seeds[(len(plan.segments), k)] = Vocab.load(vocab_file(vocab_dir, USER, a.name))
+    return seeds
+
+
+def _vocabularies(
+    plan: Plan, results: list[dict[str, Any]], seeds: dict[tuple[int, int], Vocab]
+) -> tuple[dict[int, Lookups], dict[int, list[Vocab]], list[GlobalCodes]]:
+    """Merge task codes; vocabularies and lookups of the segments (users: codes only)."""
+    lookups: dict[int, Lookups] = {}
+    vocabs: dict[int, list[Vocab]] = {}
+    for seg in plan.segments:
+        gl = [merge_codes(a, [r["coders"][seg.index][k] for r in results], seeds.get((seg.index, k)))
+              for k, a in enumerate(seg.attrs)]
+        vs, ids = [], []
+        for k, g in enumerate(gl):
+            if (seg.index, k) in seeds:
+                v = seeds[(seg.index, k)]
+                vs.append(v)
+                ids.append(ids_for_vocab(g, v))
+            else:
+                v, i = build_vocab(g)
+                vs.append(v)
+                ids.append(i)
+        vocabs[seg.index] = vs
+        task_luts, bases = _flat_luts([[g.task_luts[t] for g in gl] for t in range(len(results))])
+        flat_ids, id_bases = _flat_ids(ids)
+        lookups[seg.index] = Lookups(task_luts, bases, flat_ids, id_bases)
+    user_globals: list[GlobalCodes] = []
+    if plan.users is not None:
+        stream = len(plan.segments)
+        user_globals = [merge_codes(a, [r["coders"][stream][k] for r in results], seeds.get((stream, k)))
+                        for k, a in enumerate(plan.users.attrs)]
+        task_luts, bases = _flat_luts([[g.task_luts[t] for g in user_globals] for t in range(len(results))])
+        # Ids are filled in once the user vocabularies are known (after counting first rows).
+        lookups[stream] = Lookups(task_luts, bases, np.zeros(1, np.int32), np.zeros(len(user_globals), np.int64))
+    return lookups, vocabs, user_globals
+
+
+def _user_vocabularies(
+    plan: Plan, ctx: WordsContext, globals_: list[GlobalCodes], seeds: dict, part_bits: int, work: Path,
+    workers: int, cancel: threading.Event,
+) -> list[Vocab]:
+    stream = len(plan.segments)
+    sizes = [g.size for g in globals_]
+    if all((stream, k) in seeds for k in range(len(globals_))):
+        vocabs = [seeds[(stream, k)] for k in range(len(globals_))]
+        ids = [ids_for_vocab(g, v) for g, v in zip(globals_, vocabs)]
+    else:
+        path = work / "user_counts.npz"
+        if path.is_file():
+            with np.load(path) as z:
+                totals = [z[f"a{k}"] for k in range(len(globals_))]
+        else:
+            totals = [np.zeros(s, np.int64) for s in sizes]
+            lock = threading.Lock()
+            n_parts = 1 << part_bits
+
+            def count(p: int) -> None:
+                c = user_vocab_counts(ctx, range(p, p + 1), sizes)
+                with lock:
+                    for k, arr in enumerate(c):
+                        totals[k] += arr
+
+            _run_parallel(list(range(n_parts)), count, workers, cancel)
+            tmp = path.with_name("user_counts.tmp.npz")
+            np.savez(tmp, **{f"a{k}": a for k, a in enumerate(totals)})
+            tmp.replace(path)
+        vocabs, ids = [], []
+        for k, g in enumerate(globals_):
+            if (stream, k) in seeds:
+                vocabs.append(seeds[(stream, k)])
+                ids.append(ids_for_vocab(g, seeds[(stream, k)]))
+                continue
+            g.counts = totals[k]
+            v, i = build_vocab(g)
+            vocabs.append(v)
+            ids.append(i)
+    flat, bases = _flat_ids(ids)
+    ctx.lookups[stream].ids = flat
+    ctx.lookups[stream].id_bases = bases
+    return vocabs
+
+
+def _write_vocabs(plan: Plan, out: Path, vocabs: dict[int, list[Vocab]]) -> None:
+    items = [(vocab_file(out / VOCAB_DIR, seg.name, a.name), v.table())
+             for seg in plan.segments for a, v in zip(seg.attrs, vocabs[seg.index])]
+    if plan.users is not None:
+        items += [(vocab_file(out / VOCAB_DIR, USER, a.name), v.table())
+                  for a, v in zip(plan.users.attrs, vocabs[len(plan.segments)])]
+    atomic_write_tables(items)
+
+
+# -- units of the words pass ----------------------------------------------------------------------------------------
+def plan_units(
+    spills: list[tuple[Path, np.ndarray]], part_bits: int, shard_bits: int, own: tuple[int, int], budget: int,
+    n_codes: list[int],
+) -> list[Unit]:
+    """Units covering the shards ``own`` = [first, stop), each within ``budget`` bytes if it can be.
+
+    Partitions and shards are both ranges of the top bits of the user hash (P = 2**part_bits,
+    S = 2**shard_bits).  P >= S: a unit is a shard and reads P/S partitions.  P < S: a unit is
+    a partition and writes its S/P shards, or, when that is too much for the budget (or the
+    partition straddles another job's shards), a run of them, skipping the other rows.
+    """
+    n_parts = 1 << part_bits
+    n_shards = 1 << shard_bits
+    spill_bytes = np.zeros(n_parts, np.int64)
+    spill_rows = np.zeros(n_parts, np.int64)
+    width = np.array(n_codes + [0], np.int64)
+    for _, index in spills:
+        if len(index):
+            rows = index[index[:, 0] < len(n_codes)]  # events only: the user table is small
+            nbytes = rows[:, 3] * (8 + 4 * width[rows[:, 0]]) + rows[:, 4]
+            np.add.at(spill_bytes, rows[:, 1], nbytes)
+            np.add.at(spill_rows, rows[:, 1], rows[:, 3])
+    work_bytes = (spill_bytes * PHASE2_FACTOR + PHASE2_EXTRA * spill_rows).astype(np.int64)
+    units: list[Unit] = []
+    first, stop = own
+    if n_parts >= n_shards:
+        per = n_parts // n_shards
+        for s in range(first, stop):
+            units.append(Unit(len(units), (s * per, (s + 1) * per), (s, s + 1), False,
+                              int(work_bytes[s * per : (s + 1) * per].sum())))
+        return units
+    per = n_shards // n_parts
+    for p in range(n_parts):
+        lo, hi = max(first, p * per), min(stop, (p + 1) * per)
+        if lo >= hi:
+            continue
+        whole = lo == p * per and hi == (p + 1) * per
+        share = int(work_bytes[p]) * (hi - lo) // per
+        if whole and work_bytes[p] <= budget:
+            units.append(Unit(len(units), (p, p + 1), (lo, hi), False, int(work_bytes[p])))
+            continue
+        group = max(1, min(hi - lo, int(budget * per // max(1, int(work_bytes[p])))))
+        for g in range(lo, hi, group):
+            units.append(Unit(len(units), (p, p + 1), (g, min(hi, g + group)), True,
+                              share * (min(hi, g + group) - g) // max(1, hi - lo)))
+    return units
+
+
+# -- manifest ----------------------------------------------------------------------------------------------------------
+def _manifest(
+    plan: Plan, schema: SchemaConfig, results: list[dict[str, Any]], units: list[dict[str, Any]],
+    vocabs: dict[int, list[Vocab]], shard_bits: int, opts: Options,
+) -> dict[str, Any]:
+    seg_meta: dict[str, Any] = {}
+    counts: dict[str, Any] = {"users": sum(u["users"] for u in units)}
+    dropped: dict[str, dict[str, int]] = {}
+    events_read = 0
+    for seg in plan.segments:
+        name = seg.name
+        read = sum(r["streams"][seg.index]["rows"] for r in results)
+        events_read += read
+        d = {r: sum(res["streams"][seg.index]["dropped"].get(r, 0) for res in results) for r in REASONS}
+        d["duplicate"] = sum(u["segments"][name]["duplicates"] for u in units)
+        dropped[name] = d
+        c = {"events_read": read}
+        for key in ("events", "words", "actions", "words_truncated", "actions_capped", "actions_truncated"):
+            c[key] = sum(u["segments"][name][key] for u in units)
+        counts[name] = c
+        max_pos = max((u["max_pos"][name] for u in units), default=-1)
+        num_positions = schema.num_positions(seg.spec)
+        if max_pos >= num_positions:
+            # Only a window edge across a DST change can do this; keep the table large enough.
+            warnings.warn(f"segment {name}: position {max_pos} >= num_positions {num_positions}; "
+                          "num_positions raised to fit", stacklevel=3)
+            num_positions = max_pos + 1
+        seg_meta[name] = {
+            "attributes": [a.name for a in seg.attrs],
+            "vocab_sizes": [v.size for v in vocabs[seg.index]],
+            "dims": [a.dim for a in seg.spec.attributes],
             "num_positions": num_positions,
-            "max_words": p.spec.max_words,
+            "max_words": seg.spec.max_words,
         }
-    counts: dict[str, Any] = {"users": len(universe), "events_read": sum(rows_read.values())}
-    counts.update(part.counts)
-    dropped: dict[str, dict[str, int]] = dict(dropped_rows)
-    if user_table is not None:
-        dropped[USER] = user_table.dropped
-    manifest = {
+    unrouted = sum(n for r in results for n in r["unrouted"].values())
+    counts["events_read"] = events_read + unrouted
+    counts["events_unrouted"] = unrouted
+    user_vocabs: list[Vocab] = []
+    if plan.users is not None:
+        stream = len(plan.segments)
+        user_vocabs = vocabs[stream]
+        counts["user_rows_read"] = sum(r["streams"][stream]["rows"] for r in results)
+        counts["user_rows"] = sum(u["user_rows"] for u in units)
+        d = {r: sum(res["streams"][stream]["dropped"].get(r, 0) for res in results) for r in USER_REASONS}
+        d["duplicate_user"] = sum(u["duplicate_users"] for u in units)
+        dropped[USER] = d
+    shards = [s for u in units for s in u["shards"]]
+    shards.sort(key=lambda s: s["file"])
+    return {
         "format_version": FORMAT_VERSION,
         "schema": schema.to_dict(),
         "segments": seg_meta,
@@ -603,38 +692,28 @@ def tokenize(
         },
         "counts": counts,
         "dropped": dropped,
+        "sharding": {"hash": "fmix64", "shard_bits": shard_bits, "shard_users": opts.shard_users},
         "shards": shards,
     }
-    atomic_write_json(out / MANIFEST, manifest)
-    return manifest
 
 
-def write_shards(
-    out: Path,
-    user_ids: pa.Array,
-    user_attr_names: Sequence[str],
-    user_attr_ids: np.ndarray,
-    segments: Sequence[SegmentArrays],
-    shard_users: int,
-    progress: bool = False,
-) -> list[dict[str, Any]]:
-    """Write users in runs of ``shard_users`` (at least one shard, even with no users)."""
-    n = len(user_ids)
-    n_shards = max(1, -(-n // shard_users))
-    entries = []
-    for s in tqdm(range(n_shards), desc="shards", unit="shard", disable=not progress, leave=False):
-        a, b = s * shard_users, min(n, (s + 1) * shard_users)
-        table = build_shard_table(
-            user_ids.slice(a, b - a),
-            user_attr_names,
-            user_attr_ids[a:b],
-            [seg.slice_users(a, b) for seg in segments],
-        )
-        rel = f"{SHARD_DIR}/shard-{s:05d}.arrow"
-        sha = atomic_write_table(out / rel, table)
-        entries.append({"file": rel, "users": b - a, "sha256": sha})
-    keep = {Path(e["file"]).name for e in entries}
-    for old in (out / SHARD_DIR).glob("shard-*.arrow"):
-        if old.name not in keep:
-            old.unlink()
-    return entries
+def check_accounting(manifest: dict[str, Any]) -> list[str]:
+    """The identities that make sure nothing is silently lost; returns the ones that fail."""
+    c, d = manifest["counts"], manifest["dropped"]
+    bad = []
+    total = c.get("events_unrouted", 0)
+    for name in manifest["segments"]:
+        s = c[name]
+        total += s["events_read"]
+        if s["events_read"] != sum(d[name].values()) + s["events"]:
+            bad.append(f"{name}: events_read != dropped + events")
+        if s["events"] != s["actions"] + s["actions_capped"] + s["actions_truncated"]:
+            bad.append(f"{name}: events != actions + actions_capped + actions_truncated")
+    if total != c["events_read"]:
+        bad.append("events_read != sum of segments' events_read + events_unrouted")
+    if USER in d and c.get("user_rows_read", 0) != sum(d[USER].values()) + c.get("user_rows", 0):
+        bad.append("user_rows_read != dropped + user_rows")
+    if sum(s["users"] for s in manifest["shards"]) != c["users"]:
+        bad.append("users in shards != counts.users")
+    return bad
+

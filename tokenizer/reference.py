@@ -15,6 +15,39 @@ from typing import Any
 _UTC = dt.UTC
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def fmix64(x: int) -> int:
+    """MurmurHash3's 64-bit finaliser on Python ints."""
+    x &= _MASK64
+    x ^= x >> 33
+    x = (x * 0xFF51AFD7ED558CCD) & _MASK64
+    x ^= x >> 33
+    x = (x * 0xC4CEB9FE1A85EC53) & _MASK64
+    x ^= x >> 33
+    return x
+
+
+def user_hash(user_id: int | str) -> int:
+    """The user hash of FORMATS.md §4: fmix64 of the int64 id, or of FNV-1a 64 over the UTF-8 bytes."""
+    if isinstance(user_id, str):
+        h = 0xCBF29CE484222325
+        for b in user_id.encode("utf-8"):
+            h = ((h ^ b) * 0x100000001B3) & _MASK64
+        return fmix64(h)
+    return fmix64(user_id & _MASK64)
+
+
+def user_order(ids: Any, shard_bits: int = 0) -> list[Any]:
+    """Distinct ids in output order: by shard (the top shard_bits bits of the hash), then id."""
+    return sorted(set(ids), key=lambda u: (shard_of(u, shard_bits), u))
+
+
+def shard_of(user_id: int | str, shard_bits: int) -> int:
+    return user_hash(user_id) >> (64 - shard_bits) if shard_bits else 0
+
+
 def local_datetime(t: int, timezone: str) -> dt.datetime:
     """The wall-clock time in ``timezone`` at UTC epoch second ``t``."""
     return dt.datetime.fromtimestamp(t, tz=_UTC).astimezone(zoneinfo.ZoneInfo(timezone))
@@ -97,6 +130,19 @@ def all_words(users: list[Any], times: list[int], **rules: Any) -> dict[Any, lis
         words = user_words([times[i] for i in rows], **rules)
         out[u] = [(pos, [rows[i] for i in idx]) for pos, idx in words]
     return out
+
+
+def drop_duplicates(rows: list[dict[str, Any]], columns: list[str]) -> tuple[list[dict[str, Any]], int]:
+    """Rows without repeats: a row equal to an earlier one in every column listed is dropped
+    (the user, the time at full resolution and every attribute column read)."""
+    seen: set[tuple[Any, ...]] = set()
+    out = []
+    for r in rows:
+        key = tuple(r[c] for c in columns)
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out, len(rows) - len(out)
 
 
 def vocabulary(values: list[Any], min_count: int = 1, max_vocab: int | None = None) -> list[Any]:

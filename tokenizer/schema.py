@@ -79,6 +79,12 @@ class SegmentSpec:
     user_column: str | None = None  # defaults to [data].user_column
     time_column: str = "ts"
     time_unit: Literal["s", "ms", "us", "ns"] = "s"  # for integer epoch columns
+    # One table holding several segments: the rows of this segment are those whose
+    # `segment_column` holds one of `segment_values` (default: the segment's name).  Segments
+    # with the same path and segment_column are read in one pass.
+    segment_column: str | None = None
+    segment_values: list[str | int] | None = None
+    drop_duplicates: bool = True  # drop repeats of an event (same user, time and attribute values)
     day_start_hour: int = 4  # daily words run from this local hour to the same hour next day
     gap_minutes: float = 30.0  # session words end after an idle gap longer than this
     window_start: str | None = None  # defaults to [data].window_start
@@ -102,6 +108,10 @@ class SegmentSpec:
             raise ConfigError(f"max_words: must be >= 1, got {self.max_words}")
         if self.max_actions_per_word < 1:
             raise ConfigError(f"max_actions_per_word: must be >= 1, got {self.max_actions_per_word}")
+        if self.segment_values is not None and self.segment_column is None:
+            raise ConfigError("segment_values: needs segment_column (the column that holds them)")
+        if self.segment_values is not None and not self.segment_values:
+            raise ConfigError("segment_values: must list at least one value")
 
     @property
     def token_dim(self) -> int:
@@ -160,6 +170,8 @@ class SchemaConfig:
             raise ConfigError("segments: at least one [segments.<name>] table is needed")
         for name, seg in self.segments.items():
             seg.name = name
+            if seg.segment_column is not None and seg.segment_values is None:
+                seg.segment_values = [name]
             for key in ("window_start", "window_end"):
                 value = getattr(seg, key) or getattr(self.data, key)
                 setattr(seg, key, value)

@@ -88,6 +88,7 @@ def generate(
     parent_rate: float = 0.35,
     responder_rate: float = 0.04,
     scramble_ids: bool = True,
+    event_order: str = "user",
 ) -> dict[str, Any]:
     """Write synthetic logs, labels and a schema into ``out_dir``; return the summary.
 
@@ -98,7 +99,11 @@ def generate(
     summary.  A user's topic mixture has ``topics_per_user`` slots with Dirichlet
     (``topic_concentration``) weights: smaller concentrations focus users on fewer topics.
     ``activity_sigma`` is the lognormal spread of per-user activity (the heavy tail).
+    ``event_order`` is the row order within each event file: "user" (by user, then time),
+    "time" (by time, users interleaved, as a log is written) or "shuffle" (random).
     """
+    if event_order not in ("user", "time", "shuffle"):
+        raise ValueError(f"event_order must be 'user', 'time' or 'shuffle', got {event_order!r}")
     if n_users < 1 or chunk_users < 1:
         raise ValueError("n_users and chunk_users must be >= 1")
     if not 0 < short_days <= window_days <= 700:
@@ -159,6 +164,11 @@ def generate(
             rng = np.random.default_rng([seed, c])
             tables, chunk_counts = _chunk(rng, _user_ids(np.arange(lo, hi), scramble_ids), world, knobs,
                                           time_base, names)
+            if event_order != "user":
+                # Its own stream, so that the events themselves do not depend on the order.
+                order_rng = np.random.default_rng([seed, c, 2**32 + 2])
+                for key in ("long", "short"):
+                    tables[key] = _reorder(tables[key], event_order, order_rng)
             for key, value in chunk_counts.items():
                 counts[key] = counts.get(key, 0) + value
             if pending is not None:
@@ -189,6 +199,7 @@ def generate(
             "window_start": window_start, "window_days": window_days, "short_days": short_days,
             "future_days": future_days, "timezone": timezone, "parent_label_fraction": parent_label_fraction,
             "parent_rate": parent_rate, "responder_rate": responder_rate, "scramble_ids": scramble_ids,
+            "event_order": event_order,
         },
         "window": {"start": start_local.isoformat(), "end": end_local.isoformat(),
                    "short_start": short_local.isoformat(),
@@ -265,6 +276,13 @@ def _events_table(events: dict, ids: np.ndarray, tb: dict, cols: dict[str, Any])
     for name, (values, vocab) in cols.items():
         out[name] = _strings(vocab, values[keep]) if vocab is not None else pa.array(values[keep])
     return pa.table(out)
+
+
+def _reorder(table: pa.Table, order: str, rng: np.random.Generator) -> pa.Table:
+    if order == "time":
+        ts = table.column("ts").combine_chunks().cast(pa.int64()).to_numpy()
+        return table.take(pa.array(np.argsort(ts, kind="stable")))
+    return table.take(pa.array(rng.permutation(table.num_rows)))
 
 
 def _strings(vocab: tuple[str, ...] | pa.Array, codes: np.ndarray) -> pa.Array:

@@ -40,7 +40,7 @@ class Words(NamedTuple):
     actions_capped: int  # actions dropped from kept words by max_actions_per_word
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def user_offsets_from_sorted(uidx_sorted: np.ndarray, n_users: int) -> np.ndarray:
     """int64 [N+1] start of each user's run in events already sorted by user (empty users too)."""
     counts = np.zeros(n_users + 1, np.int64)
@@ -51,39 +51,20 @@ def user_offsets_from_sorted(uidx_sorted: np.ndarray, n_users: int) -> np.ndarra
     return counts
 
 
-@njit(cache=True)
 def sort_by_user_time(uidx: np.ndarray, t: np.ndarray, n_users: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stable sort of events by (user, time): (perm int64 [n], user_offsets int64 [N+1]).
-
-    A counting sort by user (stable, O(n + N)) and then, per user, a stable mergesort by time
-    only where that user's events are out of order.  Logs mostly arrive in time order, so the
-    second step is usually a scan; this beats a global stable argsort of an (user, time) key by
-    a wide margin and keeps equal timestamps in input order, as FORMATS.md requires.
-    """
-    n = uidx.shape[0]
-    offsets = user_offsets_from_sorted(uidx, n_users)  # counts by user -> starts (same thing)
-    fill = offsets[:-1].copy()
-    perm = np.empty(n, np.int64)
-    for i in range(n):
-        u = uidx[i]
-        perm[fill[u]] = i
-        fill[u] += 1
-    for u in range(n_users):
-        s, e = offsets[u], offsets[u + 1]
-        ordered = True
-        for i in range(s + 1, e):
-            if t[perm[i]] < t[perm[i - 1]]:
-                ordered = False
-                break
-        if not ordered:
-            seg = perm[s:e].copy()
-            order = np.argsort(t[seg], kind="mergesort")
-            for j in range(e - s):
-                perm[s + j] = seg[order[j]]
-    return perm, offsets
+    """Stable sort of events by (user, time in seconds): (perm int64 [n], user_offsets int64 [N+1])."""
+    n = len(uidx)
+    t = np.asarray(t, np.int64)
+    t0 = int(t.min()) if n else 0
+    # The event index rides along as a one-column "code" (its identity table: luts = arange).
+    rows, offsets = sort_rows(
+        np.ascontiguousarray(uidx, dtype=np.int64), (t - t0) << 32, np.arange(n, dtype=np.int32).reshape(n, 1),
+        np.array([0, n], np.int64), np.arange(max(n, 1), dtype=np.int32), np.zeros((1, 1), np.int64), n_users,
+    )
+    return rows[:, COL_CODES].astype(np.int64), offsets
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _split_words(
     user_offsets,
     t_utc,
@@ -211,12 +192,238 @@ def split_words(
     return Words(uwo, uao, pos, length, keep, int(truncated), int(capped))
 
 
-@njit(cache=True)
-def gather_rows(table: np.ndarray, perm: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """``table[perm[keep]]`` for an int32 [n, K] table, without the intermediate index array."""
-    out = np.empty((keep.shape[0], table.shape[1]), np.int32)
+# Columns of the sorted event rows (an int32 matrix, one row per event, so that moving an event
+# is one contiguous copy): user index, seconds since the segment's window start, microseconds
+# within the second, then the K attribute codes.
+COL_USER, COL_T, COL_US, COL_CODES = 0, 1, 2, 3
+
+
+@njit(cache=True, nogil=True)
+def sort_rows(
+    uidx: np.ndarray,
+    when: np.ndarray,
+    codes: np.ndarray,
+    task_bounds: np.ndarray,
+    luts: np.ndarray,
+    bases: np.ndarray,
+    n_users: int,
+):  # pragma: no cover - compiled
+    """Events as rows sorted by (user, second), stably: (rows int32 [n, 3+K], user_offsets [N+1]).
+
+    ``when`` is each event's ``second << 32 | microsecond``, seconds counted from the segment's
+    window start (the spill format).  Row layout: see COL_*.  Codes become global codes on the
+    way (``luts[bases[task, k] + code]``).
+
+    A cache-conscious counting sort: pass 1 scatters rows into at most 256 buckets of
+    consecutive users (few write streams: they stay in cache); pass 2 sorts each bucket by user
+    inside its own range, and each user's rows by time, while the bucket is in cache.  Moving
+    the rows once leaves every later pass (duplicates, words, the final gather) reading memory
+    in order.
+    """
+    n = uidx.shape[0]
+    k = codes.shape[1]
+    w = COL_CODES + k
+    shift = 0
+    while (n_users >> shift) > 256:
+        shift += 1
+    nb = (n_users >> shift) + 1
+    bucket = np.zeros(nb + 1, np.int64)
+    offsets = np.zeros(n_users + 1, np.int64)
+    for i in range(n):
+        bucket[(uidx[i] >> shift) + 1] += 1
+        offsets[uidx[i] + 1] += 1
+    for b in range(nb):
+        bucket[b + 1] += bucket[b]
+    for u in range(n_users):
+        offsets[u + 1] += offsets[u]
+    rows = np.empty((n, w), np.int32)
+    fill = bucket[:-1].copy()
+    for t in range(task_bounds.shape[0] - 1):
+        for i in range(task_bounds[t], task_bounds[t + 1]):
+            u = uidx[i]
+            j = fill[u >> shift]
+            fill[u >> shift] = j + 1
+            x = when[i]
+            rows[j, COL_USER] = u
+            rows[j, COL_T] = x >> 32
+            rows[j, COL_US] = x & 0xFFFFFFFF
+            for q in range(k):
+                rows[j, COL_CODES + q] = luts[bases[t, q] + codes[i, q]]
+    biggest = 0
+    for b in range(nb):
+        biggest = max(biggest, bucket[b + 1] - bucket[b])
+    scratch = np.empty((biggest, w), np.int32)
+    tkey = np.empty(64, np.int64)
+    for b in range(nb):
+        s, e = bucket[b], bucket[b + 1]
+        if e == s:
+            continue
+        for j in range(e - s):
+            for q in range(w):
+                scratch[j, q] = rows[s + j, q]
+        u_lo = b << shift
+        u_hi = min(n_users, (b + 1) << shift)
+        fill2 = offsets[u_lo:u_hi].copy()
+        for j in range(e - s):  # stable counting sort by user, back into [s, e)
+            u = scratch[j, COL_USER]
+            d = fill2[u - u_lo]
+            fill2[u - u_lo] = d + 1
+            for q in range(w):
+                rows[d, q] = scratch[j, q]
+        for u in range(u_lo, u_hi):  # then each user by time, stably, where out of order
+            us, ue = offsets[u], offsets[u + 1]
+            ordered = True
+            for i in range(us + 1, ue):
+                if rows[i, COL_T] < rows[i - 1, COL_T]:
+                    ordered = False
+                    break
+            if ordered:
+                continue
+            r = ue - us
+            if tkey.shape[0] < r:
+                tkey = np.empty(2 * r, np.int64)
+            # Sort (second, position) packed in one int64: unique keys, so an unstable in-place
+            # sort is a stable sort by time (a user's seconds fit 31 bits, its positions 32).
+            for a in range(r):
+                tkey[a] = (np.int64(rows[us + a, COL_T]) << 32) | a
+            tkey[:r].sort()
+            for a in range(r):
+                src = us + (tkey[a] & 0xFFFFFFFF)
+                for q in range(w):
+                    scratch[a, q] = rows[src, q]
+            for a in range(r):
+                for q in range(w):
+                    rows[us + a, q] = scratch[a, q]
+    return rows, offsets
+
+
+@njit(cache=True, nogil=True)
+def sorted_duplicates(user_offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
+    """bool [n]: the sorted event repeats an earlier one of its user: same second and
+    microsecond and the same global code in every attribute (rows of :func:`sort_rows`).
+
+    Repeats sit in one run of equal seconds of one user, in input order (the sort is stable),
+    so the first of a set of equal events is kept.  Short runs are compared pairwise; long ones
+    (many events in one second) through a hash of the event, so the cost stays linear.
+    """
+    n = rows.shape[0]
+    w = rows.shape[1]
+    dup = np.zeros(n, np.bool_)
+    for u in range(user_offsets.shape[0] - 1):
+        s, e = user_offsets[u], user_offsets[u + 1]
+        i = s
+        while i < e:
+            j = i + 1
+            while j < e and rows[j, COL_T] == rows[i, COL_T]:
+                j += 1
+            r = j - i
+            if r > 1 and r <= 48:
+                for b in range(i + 1, j):
+                    for a in range(i, b):
+                        if dup[a]:
+                            continue
+                        same = True
+                        for q in range(COL_US, w):
+                            if rows[a, q] != rows[b, q]:
+                                same = False
+                                break
+                        if same:
+                            dup[b] = True
+                            break
+            elif r > 48:
+                hv = np.empty(r, np.uint64)
+                for b in range(i, j):
+                    x = np.uint64(0x9E3779B97F4A7C15)
+                    for q in range(COL_US, w):
+                        x = (x ^ np.uint64(rows[b, q] & 0xFFFFFFFF)) * np.uint64(0xBF58476D1CE4E5B9)
+                        x ^= x >> np.uint64(29)
+                    hv[b - i] = x
+                order = np.argsort(hv, kind="mergesort")  # equal hashes keep their sorted order
+                g = 0
+                while g < r:
+                    h_end = g + 1
+                    while h_end < r and hv[order[h_end]] == hv[order[g]]:
+                        h_end += 1
+                    for b2 in range(g + 1, h_end):
+                        pb = i + order[b2]
+                        for a2 in range(g, b2):
+                            pa_ = i + order[a2]
+                            if dup[pa_]:
+                                continue
+                            same = True
+                            for q in range(COL_US, w):
+                                if rows[pa_, q] != rows[pb, q]:
+                                    same = False
+                                    break
+                            if same:
+                                dup[pb] = True
+                                break
+                    g = h_end
+            i = j
+    return dup
+
+
+@njit(cache=True, nogil=True)
+def drop_rows(
+    user_offsets: np.ndarray, rows: np.ndarray, drop: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """(rows, user_offsets) without the sorted rows marked in ``drop`` (compacted in place)."""
+    n_users = user_offsets.shape[0] - 1
+    offsets = np.zeros(n_users + 1, np.int64)
+    m = 0
+    for u in range(n_users):
+        for i in range(user_offsets[u], user_offsets[u + 1]):
+            if not drop[i]:
+                if m != i:
+                    for q in range(rows.shape[1]):
+                        rows[m, q] = rows[i, q]
+                m += 1
+        offsets[u + 1] = m
+    return rows[:m], offsets
+
+
+@njit(cache=True, nogil=True)
+def row_seconds(rows: np.ndarray, t0: int) -> np.ndarray:  # pragma: no cover - compiled
+    """int64 UTC seconds of sorted rows."""
+    out = np.empty(rows.shape[0], np.int64)
+    for i in range(rows.shape[0]):
+        out[i] = rows[i, COL_T] + t0
+    return out
+
+
+@njit(cache=True, nogil=True)
+def gather_sorted_ids(
+    rows: np.ndarray, keep: np.ndarray, ids: np.ndarray, bases: np.ndarray
+) -> np.ndarray:  # pragma: no cover - compiled
+    """int32 [A, K]: vocabulary ids of the kept sorted rows, ``ids[bases[k] + code k of row keep[a]]``."""
+    k = rows.shape[1] - COL_CODES
+    out = np.empty((keep.shape[0], k), np.int32)
+    for a in range(keep.shape[0]):
+        r = keep[a]
+        for q in range(k):
+            out[a, q] = ids[bases[q] + rows[r, COL_CODES + q]]
+    return out
+
+
+@njit(cache=True, nogil=True)
+def apply_task_luts(
+    codes: np.ndarray, task_bounds: np.ndarray, luts: np.ndarray, bases: np.ndarray
+) -> None:  # pragma: no cover - compiled
+    """In place: codes[r, k] = luts[bases[t, k] + codes[r, k]] for the rows r of task t."""
+    for t in range(task_bounds.shape[0] - 1):
+        for r in range(task_bounds[t], task_bounds[t + 1]):
+            for k in range(codes.shape[1]):
+                codes[r, k] = luts[bases[t, k] + codes[r, k]]
+
+
+@njit(cache=True, nogil=True)
+def gather_ids(
+    codes: np.ndarray, perm: np.ndarray, keep: np.ndarray, ids: np.ndarray, bases: np.ndarray
+) -> np.ndarray:  # pragma: no cover - compiled
+    """int32 [A, K]: vocabulary ids of the kept actions, ``ids[bases[k] + codes[perm[keep[a]], k]]``."""
+    out = np.empty((keep.shape[0], codes.shape[1]), np.int32)
     for a in range(keep.shape[0]):
         r = perm[keep[a]]
-        for k in range(table.shape[1]):
-            out[a, k] = table[r, k]
+        for k in range(codes.shape[1]):
+            out[a, k] = ids[bases[k] + codes[r, k]]
     return out
