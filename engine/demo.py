@@ -66,16 +66,16 @@ def run_demo(cfg: RunConfig, out_dir: str | Path, *, work_dir: str | Path | None
             td = load_task(work / "raw" / "labels" / file, data, task, cfg.finetune.next_attribute)
             results: dict[str, FinetuneResult] = {}
             for init_name, init in (("pretrained", pre.model_dir), ("scratch", None)):
-                encoder = build_encoder(init, cfg.model, VocabSpec.from_manifest(data.manifest))
+                encoder = build_encoder(init, cfg.model, VocabSpec.from_manifest(data.manifest),
+                                        seed=cfg.finetune.seed)
                 results[init_name] = finetune(data, td, cfg.finetune, encoder, device=cfg.train.device,
                                               progress=progress, init_name=init_name, pretrained=init is not None)
+            sizes = results["pretrained"].sizes
             for init_name, r in results.items():
-                rows.append({"task": name, "type": task, "model": init_name, "n_train": r.n_train,
-                             "n_val": r.n_val, "best_epoch": r.best_epoch,
-                             **{k: v for k, v in r.best.items() if k not in ("epoch", "train_loss")}})
-            pop = results["pretrained"].popular
-            rows.append({"task": name, "type": task, "model": "popular", "n_train": results["pretrained"].n_train,
-                         "n_val": results["pretrained"].n_val, **pop})
+                rows.append({"task": name, "type": task, "model": init_name, "n_train": sizes["train"],
+                             "n_val": sizes["val"], "n_test": sizes["test"], "best_epoch": r.best_epoch, **r.best})
+            rows.append({"task": name, "type": task, "model": "popular", "n_train": sizes["train"],
+                         "n_val": sizes["val"], "n_test": sizes["test"], **results["pretrained"].popular})
         seconds["finetune"] = time.perf_counter() - t
         report = write_report(out_dir, rows, pre, seconds, cfg)
     return DemoResult(rows, report, seconds)
@@ -84,12 +84,13 @@ def run_demo(cfg: RunConfig, out_dir: str | Path, *, work_dir: str | Path | None
 def results_table(rows: list[dict]) -> str:
     """Markdown table: task x model x metrics."""
     metrics = [m for m in ("map@10", "auc", "accuracy") if any(m in r for r in rows)]
-    head = "| task | model | " + " | ".join(metrics) + " | train users | val users |"
-    sep = "|---|---|" + "---|" * (len(metrics) + 2)
+    head = "| task | model | " + " | ".join(metrics) + " | train / val / test users |"
+    sep = "|---|---|" + "---|" * (len(metrics) + 1)
     lines = [head, sep]
     for r in rows:
         cells = [f"{r[m]:.4f}" if m in r else "—" for m in metrics]
-        lines.append(f"| {r['task']} | {r['model']} | " + " | ".join(cells) + f" | {r['n_train']} | {r['n_val']} |")
+        sizes = f"{r['n_train']} / {r['n_val']} / {r.get('n_test', 0)}"
+        lines.append(f"| {r['task']} | {r['model']} | " + " | ".join(cells) + f" | {sizes} |")
     return "\n".join(lines)
 
 

@@ -1,315 +1,464 @@
 """Fine-tuning on downstream user tasks: the first token's hidden state plus a task head.
 
-Tasks (the ``--task`` flag):
+Tasks (the ``--task`` flag; label tables and their checks are in engine/tasks.py):
 - ``binary``: a 0/1 label (user targeting, a binary attribute).  BCE; ROC AUC and accuracy.
 - ``multiclass``: an int or string label.  Softmax CE; one-vs-rest ROC AUC and accuracy.
 - ``next``: a list of item values of ``finetune.next_attribute`` (e.g. the genres bought after the
   pretraining window).  Ranking over that attribute's vocabulary with the same multi-label softmax
-  CE as pretraining; mAP@10.
+  CE as pretraining; mAP@10, recall@10, NDCG@10.
 
-Labels are a table of ``user_id`` plus ``label`` (Parquet, CSV or Arrow IPC).
+Split: ``test_fraction`` of the labelled users (20%) are held out and only ever evaluated;
+``val_fraction`` (10%) pick the epoch (early stopping); the rest train.  A split can also come
+from the label table's ``split`` column or a split file.  Metrics on val and test every epoch.
+
+Modes: end to end (default); ``freeze_encoder`` (feature-based: only the head trains);
+``probe_epochs`` (linear probe, then fine-tune: the head first learns on frozen features, so the
+encoder is not pushed around by a random head's gradients); ``layer_lr_decay`` (lower layers
+learn slower).
+
+Distributed training: :func:`finetune` builds the model and its optimizer parameter groups and
+hands them to ``wrap`` (default: plain AdamW), which returns a :class:`Stepper`.  A DeepSpeed
+engine fits that interface (``engine.backward(loss); engine.step()``), and ``rank``/``world_size``
+give every rank a disjoint slice of each global batch; evaluation runs on every rank over all
+users, so every rank sees the same metrics and takes the same early-stopping decision.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from engine.checkpoint import load_model_description, load_weights, save_model
+from engine.baselines import popularity_scores
+from engine.batch import Batch
+from engine.checkpoint import atomic_write, load_model_description, load_weights, save_model
 from engine.collate import CollateConfig, Collator
 from engine.config import FinetuneConfig, ModelConfig, VocabSpec
 from engine.data import eval_batches, to_device
-from engine.metrics import accuracy, map_at_k, roc_auc, roc_auc_ovr
+from engine.metrics import accuracy, ranking_metrics_per_user, roc_auc, roc_auc_ovr
 from engine.model import UserBERT, user_attr_offsets
 from engine.pretrain import resolve_device
+from engine.tasks import (
+    PRIMARY_METRIC,
+    Split,
+    Task,
+    TaskData,
+    load_task,
+    make_split,
+    split_indices,
+)
 from kernels.multi_label_ce import multi_label_softmax_ce
-from tokenizer.io import read_table
 from tokenizer.schema import FIRST_ID
 from tokenizer.shards import TokenizedData
 
 log = logging.getLogger("userbert")
 
-Task = Literal["binary", "multiclass", "next"]
-PRIMARY_METRIC = {"binary": "auc", "multiclass": "auc", "next": "map@10"}
+__all__ = ["PRIMARY_METRIC", "FinetuneResult", "TaskData", "TaskModel", "build_encoder", "finetune", "load_task",
+           "load_task_model", "make_split", "popularity_scores", "predict", "split_indices", "task_metrics"]
+
+RANK_K = 10  # ranked list length of next-item tasks (mAP@10, as in the paper)
 
 
+# -- model ------------------------------------------------------------------------------------------------
 @dataclass
-class TaskData:
-    """Labelled users of one task, aligned with dataset rows."""
+class Target:
+    """A batch's labels on the model's device: ``y`` (binary/multiclass) or a CSR of relevant items (next)."""
 
-    task: Task
-    rows: np.ndarray  # int64 [n] dataset row of each labelled user
-    y: np.ndarray | None = None  # int64 [n] (binary, multiclass)
-    label_offsets: np.ndarray | None = None  # int64 [n + 1] (next): CSR of relevant item ids
-    label_ids: np.ndarray | None = None  # int32 [nnz]
-    n_outputs: int = 1
-    classes: list[Any] = field(default_factory=list)  # multiclass: label value of each class index
-    unknown_users: int = 0  # labelled users not in the tokenized data (reported, not used)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def subset(self, idx: np.ndarray) -> TaskData:
-        out = copy.copy(self)
-        out.rows = self.rows[idx]
-        if self.y is not None:
-            out.y = self.y[idx]
-        if self.label_offsets is not None:
-            lens = np.diff(self.label_offsets)[idx]
-            out.label_offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-            out.label_ids = np.concatenate(
-                [self.label_ids[self.label_offsets[i]:self.label_offsets[i + 1]] for i in idx]
-            ).astype(np.int32) if len(idx) else np.zeros(0, np.int32)
-        return out
+    y: torch.Tensor | None = None
+    label_offsets: torch.Tensor | None = None
+    label_ids: torch.Tensor | None = None
 
 
-def load_task(labels_path: str | Path, data: TokenizedData, task: Task, next_attribute: str = "long.genre") -> TaskData:
-    """Read a label table and align it with the tokenized users."""
-    table = read_table(labels_path, columns=["user_id", "label"])
-    rows = data.user_index(table.column("user_id"))
-    known = rows >= 0
-    unknown = int((~known).sum())
-    if unknown:
-        log.warning("%s: %d of %d labelled users are not in the tokenized data; they are left out",
-                    labels_path, unknown, len(rows))
-    labels = table.column("label").filter(pa.array(known))
-    rows = rows[known].astype(np.int64)
-    if task == "binary":
-        y = np.asarray(labels.to_numpy(zero_copy_only=False), dtype=np.int64)
-        if not np.isin(y, [0, 1]).all():
-            raise ValueError(f"{labels_path}: column 'label': binary task expects 0/1 labels, "
-                             f"found {sorted(set(y.tolist()) - {0, 1})[:5]}")
-        return TaskData(task, rows, y=y, n_outputs=1, unknown_users=unknown)
-    if task == "multiclass":
-        classes = sorted(set(labels.to_pylist()), key=str)
-        index = {c: i for i, c in enumerate(classes)}
-        y = np.array([index[v] for v in labels.to_pylist()], dtype=np.int64)
-        return TaskData(task, rows, y=y, n_outputs=len(classes), classes=classes, unknown_users=unknown)
-    if task == "next":
-        seg, _, attr = next_attribute.partition(".")
-        vocab = data.vocab(seg, attr)
-        if not pa.types.is_list(labels.type) and not pa.types.is_large_list(labels.type):
-            raise ValueError(f"{labels_path}: column 'label': task 'next' expects a list of {next_attribute} "
-                             f"values per user, got {labels.type}")
-        flat = pc.list_flatten(labels)
-        ids = pc.index_in(flat.cast(vocab.type), value_set=vocab).to_numpy(zero_copy_only=False)
-        ids = np.where(np.isnan(ids.astype(np.float64)), -1, ids).astype(np.int64)
-        lens = pc.list_value_length(labels).fill_null(0).to_numpy().astype(np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lens)])
-        # Unknown items cannot be ranked; drop them from the relevant sets, and count them.
-        keep = ids >= 0
-        if (~keep).any():
-            log.warning("%s: %d label items are not in the %s vocabulary", labels_path, int((~keep).sum()),
-                        next_attribute)
-        kept = np.concatenate([[0], np.cumsum(keep)])
-        new_lens = kept[offsets[1:]] - kept[offsets[:-1]]  # known items per user
-        label_ids = (ids[keep] + FIRST_ID).astype(np.int32)
-        label_offsets = np.concatenate([[0], np.cumsum(new_lens)]).astype(np.int64)
-        has = new_lens > 0
-        out = TaskData(task, rows, label_offsets=label_offsets, label_ids=label_ids,
-                       n_outputs=len(vocab) + FIRST_ID, unknown_users=unknown)
-        return out.subset(np.flatnonzero(has))
-    raise ValueError(f"unknown task {task!r} (expected binary, multiclass or next)")
-
-
-def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A fixed-seed split by user into train and validation indices."""
-    perm = np.random.default_rng([seed, 20220222]).permutation(n)
-    n_val = max(1, int(round(n * val_fraction)))
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+def batch_target(td: TaskData, index: np.ndarray, device: torch.device) -> Target:
+    if td.task == "next":
+        lo, li = td.label_csr(index)
+        return Target(label_offsets=torch.from_numpy(lo).to(device), label_ids=torch.from_numpy(li).to(device))
+    return Target(y=torch.from_numpy(td.y[index]).to(device))
 
 
 class TaskModel(nn.Module):
-    """UserBERT encoder + a linear head on the first token's hidden state."""
+    """UserBERT encoder + a linear head on the user embedding (the first token's hidden state).
 
-    def __init__(self, encoder: UserBERT, n_outputs: int, pooling: str = "cls"):
+    ``forward(batch)`` returns scores ``[B, n_outputs]``; ``forward(batch, target)`` the mean loss, so a
+    wrapping engine (DeepSpeed) sees the whole computation inside ``forward``.
+    """
+
+    def __init__(self, encoder: UserBERT, task: Task, n_outputs: int, pooling: str = "cls"):
         super().__init__()
         self.encoder = encoder
+        self.task = task
         self.pooling = pooling
         hidden = encoder.cfg.hidden
         self.head = nn.Linear(hidden, n_outputs)
         nn.init.normal_(self.head.weight, std=encoder.cfg.init_std)
         nn.init.zeros_(self.head.bias)
 
-    def embed(self, batch) -> torch.Tensor:
+    def embed(self, batch: Batch) -> torch.Tensor:
         return self.encoder.user_embedding(batch, self.pooling)  # [B, H]
 
-    def forward(self, batch) -> torch.Tensor:
-        return self.head(self.embed(batch))  # [B, n_outputs]
+    def forward(self, batch: Batch, target: Target | None = None) -> torch.Tensor:
+        h = self.embed(batch)
+        return self.head(h) if target is None else self.loss(h, target)  # [B, n_outputs] or a scalar
+
+    def loss(self, h: torch.Tensor, target: Target) -> torch.Tensor:
+        """Mean loss of user embeddings ``h`` [B, H] against ``target``."""
+        if self.task == "next":
+            # The fused multi-label CE never materialises [B, V] logits in full (large vocabularies).
+            per_row = multi_label_softmax_ce(h, self.head.weight, self.head.bias, target.label_offsets,
+                                             target.label_ids, normalize=True, impl=self.encoder.cfg.kernel_impl)
+            return per_row.mean()
+        logits = self.head(h).float()
+        if self.task == "binary":
+            return F.binary_cross_entropy_with_logits(logits[:, 0], target.y.float())
+        return F.cross_entropy(logits, target.y)
 
 
-def task_loss(model: TaskModel, batch, td: TaskData, index: np.ndarray, impl: str) -> torch.Tensor:
-    """Mean loss over the batch; ``index`` are the batch users' positions in ``td``."""
-    if td.task == "next":
-        h = model.embed(batch)  # [B, H]
-        lo, li = _csr_rows(td.label_offsets, td.label_ids, index)
-        per_row = multi_label_softmax_ce(h, model.head.weight, model.head.bias, torch.from_numpy(lo).to(h.device),
-                                         torch.from_numpy(li).to(h.device), normalize=True, impl=impl)
-        return per_row.mean()
-    logits = model(batch)
-    y = torch.from_numpy(td.y[index]).to(logits.device)
-    if td.task == "binary":
-        return F.binary_cross_entropy_with_logits(logits.squeeze(1).float(), y.float())
-    return F.cross_entropy(logits.float(), y)
-
-
-def _csr_rows(offsets: np.ndarray, ids: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    lens = (offsets[index + 1] - offsets[index]).astype(np.int64)
-    new_offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
-    picked = np.concatenate([ids[offsets[i]:offsets[i + 1]] for i in index]) if len(index) else ids[:0]
-    return new_offsets, picked.astype(np.int32)
-
-
-@torch.no_grad()
-def predict(model: TaskModel, collator: Collator, rows: np.ndarray, batch_size: int,
-            device: torch.device) -> np.ndarray:
-    """Scores [n, n_outputs] (logits) for dataset rows, in order."""
-    model.eval()
-    out = [model(to_device(b, device)).float().cpu().numpy() for b in eval_batches(collator, rows, batch_size)]
-    return np.concatenate(out) if out else np.zeros((0, model.head.out_features), np.float32)
-
-
-def evaluate_scores(td: TaskData, scores: np.ndarray) -> dict[str, float]:
-    if td.task == "binary":
-        s = scores[:, 0]
-        return {"auc": roc_auc(td.y, s), "accuracy": accuracy(td.y, (s > 0).astype(np.int64))}
-    if td.task == "multiclass":
-        return {"auc": roc_auc_ovr(td.y, scores), "accuracy": accuracy(td.y, scores.argmax(1))}
-    return {"map@10": map_at_k(scores, td.label_offsets, td.label_ids, k=10, exclude=np.arange(FIRST_ID))}
-
-
-def popularity_scores(train: TaskData, n: int) -> np.ndarray:
-    """The most-popular baseline: every user gets the training labels' frequencies as scores."""
-    if train.task == "next":
-        counts = np.bincount(train.label_ids, minlength=train.n_outputs).astype(np.float64)
-    elif train.task == "binary":
-        counts = np.array([train.y.mean() if len(train.y) else 0.5])
-        counts = np.log(counts / np.clip(1 - counts, 1e-9, None))  # the prior's logit
-    else:
-        counts = np.bincount(train.y, minlength=train.n_outputs).astype(np.float64)
-    return np.broadcast_to(counts, (n, len(counts))).copy()
-
-
-@dataclass
-class FinetuneResult:
-    task: Task
-    init: str
-    history: list[dict[str, float]]
-    best: dict[str, float]
-    best_epoch: int
-    seconds: float
-    n_train: int
-    n_val: int
-    popular: dict[str, float]
-
-
-def build_encoder(init: str | Path | None, model_cfg: ModelConfig, spec: VocabSpec) -> UserBERT:
-    """A pretrained encoder from an exported model dir (or its run dir), or a fresh one."""
+def build_encoder(init: str | Path | None, model_cfg: ModelConfig | None, spec: VocabSpec,
+                  seed: int | None = None) -> UserBERT:
+    """A pretrained encoder from a run dir, an exported model dir or a fine-tuned model dir; or a
+    fresh one (``init`` None or "none", seeded with ``seed`` when given)."""
     if init is None or str(init) == "none":
+        if model_cfg is None:
+            raise ValueError("build_encoder: a model from scratch needs a model config")
+        if seed is not None:
+            torch.manual_seed(seed)
         return UserBERT(model_cfg, spec)
-    init = Path(init)
-    model_dir = init / "model" if (init / "model" / "model.json").exists() else init
+    model_dir = _model_dir(Path(init))
     saved_cfg, saved_spec, _ = load_model_description(model_dir)
     if saved_spec.to_dict() != spec.to_dict():
         raise ValueError(f"{model_dir}: the model was pretrained on data with other segments or vocabularies "
                          "than the tokenized data given; fine-tune on the same tokenized directory")
     encoder = UserBERT(saved_cfg, saved_spec)
-    encoder.load_state_dict(load_weights(model_dir))
+    state = load_weights(model_dir)
+    if any(k.startswith("encoder.") for k in state) and "head.weight" in state:
+        # A fine-tuned TaskModel: its encoder's weights, without the task head.
+        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    encoder.load_state_dict(state)
     return encoder
 
 
+def _model_dir(path: Path) -> Path:
+    return path / "model" if (path / "model" / "model.json").exists() else path
+
+
+def load_task_model(ft_dir: str | Path, spec: VocabSpec) -> tuple[TaskModel, dict[str, Any]]:
+    """A fine-tuned model (``userbert-engine finetune --out FTDIR``) with its head, and its model.json meta."""
+    model_dir = _model_dir(Path(ft_dir))
+    _, _, desc = load_model_description(model_dir)
+    meta = desc.get("meta", {})
+    if "task" not in meta or "n_outputs" not in meta:
+        raise ValueError(f"{model_dir}: not a fine-tuned model (model.json has no task head); "
+                         "pass the --out directory of `userbert-engine finetune`")
+    encoder = build_encoder(model_dir, None, spec)
+    model = TaskModel(encoder, meta["task"], int(meta["n_outputs"]), meta.get("pooling", "cls"))
+    state = load_weights(model_dir)
+    model.head.load_state_dict({"weight": state["head.weight"], "bias": state["head.bias"]})
+    return model, meta
+
+
+# -- optimisation -----------------------------------------------------------------------------------------
+def param_groups(model: TaskModel, ft: FinetuneConfig) -> list[dict[str, Any]]:
+    """AdamW parameter groups: the head at ``lr * head_lr_mult``; encoder layer i of L at
+    ``lr * layer_lr_decay ** (L - 1 - i)`` (the embeddings one step below layer 0); no weight decay on
+    biases, LayerNorms and embedding tables (as in BERT).  The pretext heads are left out (unused)."""
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+
+    def add(p: nn.Parameter, name: str, lr: float) -> None:
+        no_decay = p.ndim < 2 or "emb" in name or "norm" in name
+        groups.setdefault((lr, no_decay), []).append(p)
+
+    for name, p in model.head.named_parameters():
+        add(p, "head." + name, ft.lr * ft.head_lr_mult)
+    if not ft.freeze_encoder:
+        enc = model.encoder
+        n_layers = len(enc.encoder.blocks)
+        for name, p in enc.named_parameters():
+            if name.startswith("heads."):
+                continue
+            if name.startswith("encoder.blocks."):
+                depth = n_layers - 1 - int(name.split(".")[2])
+            elif name.startswith("encoder."):  # the final LayerNorm sits above the top block
+                depth = 0
+            else:  # embeddings
+                depth = n_layers
+            add(p, name, ft.lr * ft.layer_lr_decay ** depth)
+    return [{"params": ps, "lr": lr, "weight_decay": 0.0 if nd else ft.weight_decay}
+            for (lr, nd), ps in groups.items()]
+
+
+class Stepper(Protocol):
+    """One optimiser update from a loss: what a plain optimizer and a DeepSpeed engine both provide."""
+
+    module: nn.Module  # call this for the forward pass (the model itself, or an engine wrapping it)
+
+    def step(self, loss: torch.Tensor) -> None: ...
+
+
+class TorchStepper:
+    """AdamW with gradient clipping, in one process."""
+
+    def __init__(self, model: nn.Module, groups: list[dict[str, Any]], grad_clip: float = 1.0):
+        self.module = model
+        self.optimizer = torch.optim.AdamW(groups)
+        self.grad_clip = grad_clip
+        self.params = [p for g in groups for p in g["params"]]
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+
+
+Wrap = Callable[[TaskModel, list[dict[str, Any]]], Stepper]
+
+
+def _set_encoder_trainable(model: TaskModel, trainable: bool) -> None:
+    for name, p in model.encoder.named_parameters():
+        if not name.startswith("heads."):
+            p.requires_grad_(trainable)
+
+
+# -- prediction and metrics -------------------------------------------------------------------------------
+@torch.no_grad()
+def predict(model: TaskModel, collator: Collator, rows: np.ndarray, batch_size: int, device: torch.device,
+            k: int = RANK_K, td: TaskData | None = None) -> tuple[np.ndarray, float]:
+    """Model outputs for dataset ``rows``, in order, and the mean loss when ``td`` (same users) is given.
+
+    Outputs: scores ``[n, n_outputs]`` for binary/multiclass; for next, the top-``k`` item ids
+    ``[n, k]`` (reserved ids never ranked), reduced batch by batch so a large vocabulary never
+    needs an [n, V] matrix.
+    """
+    model.eval()
+    outs, total = [], 0.0
+    start = 0
+    for b in eval_batches(collator, rows, batch_size):
+        b = to_device(b, device)
+        h = model.embed(b)
+        scores = model.head(h).float()
+        if td is not None:
+            idx = np.arange(start, start + b.batch_size)
+            total += float(model.loss(h, batch_target(td, idx, device))) * len(idx)
+        start += b.batch_size
+        if model.task == "next":
+            scores[:, :FIRST_ID] = -math.inf
+            kk = min(k, scores.shape[1])
+            vals, ids = torch.topk(scores, kk, dim=1)
+            # torch.topk orders ties arbitrarily; re-sort by (score desc, id asc) for determinism.
+            ids = ids.cpu().numpy()
+            vals = vals.cpu().numpy()
+            order = np.lexsort((ids, -vals), axis=1)
+            outs.append(np.take_along_axis(ids, order, axis=1).astype(np.int64))
+        else:
+            outs.append(scores.cpu().numpy())
+    width = min(k, model.head.out_features) if model.task == "next" else model.head.out_features
+    out = np.concatenate(outs) if outs else np.zeros((0, width), np.float32)
+    return out, (total / len(rows) if td is not None and len(rows) else float("nan"))
+
+
+def task_metrics(td: TaskData, outputs: np.ndarray, ks: tuple[int, ...] = (RANK_K,)) -> dict[str, float]:
+    """Metrics of the users of ``td`` from model outputs (scores, or top-k ids for next)."""
+    if td.task == "binary":
+        s = outputs[:, 0]
+        return {"auc": roc_auc(td.y, s), "accuracy": accuracy(td.y, (s > 0).astype(np.int64))}
+    if td.task == "multiclass":
+        return {"auc": roc_auc_ovr(td.y, outputs), "accuracy": accuracy(td.y, outputs.argmax(1))}
+    per = ranking_metrics_per_user(outputs, td.label_offsets, td.label_ids, ks)
+    return {m: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for m, v in per.items()}
+
+
+def evaluate_scores(td: TaskData, scores: np.ndarray) -> dict[str, float]:
+    """Metrics from a full score matrix (next: [n, V] scores are ranked here)."""
+    if td.task == "next":
+        from engine.metrics import top_k
+
+        return task_metrics(td, top_k(scores, RANK_K, np.arange(FIRST_ID)))
+    return task_metrics(td, scores)
+
+
+# -- the loop ---------------------------------------------------------------------------------------------
+@dataclass
+class FinetuneResult:
+    task: Task
+    init: str
+    history: list[dict[str, float]]  # per epoch: epoch, train_loss, val_loss, val.<metric>, test.<metric>
+    val: dict[str, float]  # metrics of the chosen epoch on the validation users
+    test: dict[str, float]  # ... and on the held-out test users ({} without a test split)
+    best_epoch: int
+    seconds: float
+    sizes: dict[str, int]
+    popular: dict[str, float]  # the most-popular baseline on the test users (val without a test split)
+    model: TaskModel | None = field(default=None, repr=False)
+    split: Split | None = field(default=None, repr=False)
+
+    @property
+    def best(self) -> dict[str, float]:
+        """The reported metrics: test when there is a test split, else validation."""
+        return self.test if self.test else self.val
+
+    @property
+    def n_train(self) -> int:
+        return self.sizes["train"]
+
+    @property
+    def n_val(self) -> int:
+        return self.sizes["val"]
+
+    @property
+    def n_test(self) -> int:
+        return self.sizes["test"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "init": self.init, "pooling": self.model.pooling if self.model else None,
+                "best_epoch": self.best_epoch, "val": self.val,
+                "test": self.test, "popular": self.popular, "sizes": self.sizes, "seconds": self.seconds,
+                "history": self.history}
+
+
 def finetune(data: TokenizedData, td: TaskData, ft: FinetuneConfig, encoder: UserBERT, *,
-             out_dir: str | Path | None = None, device: str = "auto", progress: bool = True,
-             init_name: str = "", pretrained: bool = False) -> FinetuneResult:
-    """Fine-tune ``encoder`` + a fresh head on ``td`` with early stopping on the validation metric."""
-    torch.manual_seed(ft.seed)
+             split: Split | None = None, out_dir: str | Path | None = None, device: str = "auto",
+             progress: bool = True, init_name: str = "", pretrained: bool = False, rank: int = 0,
+             world_size: int = 1, wrap: Wrap | None = None) -> FinetuneResult:
+    """Fine-tune ``encoder`` + a fresh head on ``td``: train on the train users, pick the epoch with the
+    best validation metric (early stopping), report validation and test metrics every epoch.
+
+    ``split`` defaults to :func:`engine.tasks.make_split` with the config's fractions and seed.
+    ``wrap(model, param_groups) -> Stepper`` replaces the plain AdamW step (e.g. with a DeepSpeed engine).
+    """
     dev = resolve_device(device)
-    train_idx, val_idx = split_indices(len(td), ft.val_fraction, ft.seed)
-    if ft.max_train_users:
-        train_idx = train_idx[:ft.max_train_users]
-    train, val = td.subset(train_idx), td.subset(val_idx)
-    spec = encoder.spec
-    collator = Collator(data, user_attr_offsets(spec), CollateConfig(select_prob=0.0))
-    model = TaskModel(encoder, td.n_outputs, ft.pooling).to(dev)
+    split_seed = ft.seed if ft.split_seed is None else ft.split_seed
+    if split is None:
+        split = make_split(td, ft.val_fraction, ft.test_fraction, split_seed)
+    train_idx = split.train[:ft.max_train_users] if ft.max_train_users else split.train
+    train, val, test = td.subset(train_idx), td.subset(split.val), td.subset(split.test)
+    torch.manual_seed(ft.seed)
+    collator = Collator(data, user_attr_offsets(encoder.spec), CollateConfig(select_prob=0.0))
+    pooling = resolve_pooling(ft.pooling, pretrained)
+    model = TaskModel(encoder, td.task, td.n_outputs, pooling).to(dev)
     if td.task == "next" and ft.init_head_from_pretext and pretrained:
-        seg, _, attr = ft.next_attribute.partition(".")
-        pretext = encoder.pretrain_head(seg, attr)
-        if pretext.weight.shape != model.head.weight.shape:
-            raise ValueError(f"finetune.next_attribute {ft.next_attribute}: pretext head has "
-                             f"{pretext.weight.shape[0]} outputs, the task has {td.n_outputs}")
-        with torch.no_grad():
-            model.head.weight.copy_(pretext.weight)
-            model.head.bias.copy_(pretext.bias)
+        _init_head_from_pretext(model, ft.next_attribute, td.n_outputs)
     if ft.dropout is not None:
         for m in model.modules():
             if isinstance(m, nn.Dropout):
                 m.p = ft.dropout
-    if ft.freeze_encoder:
-        for p in model.encoder.parameters():
-            p.requires_grad_(False)
-    groups = [{"params": list(model.head.parameters()), "lr": ft.lr * ft.head_lr_mult}]
-    if not ft.freeze_encoder:
-        groups.append({"params": list(model.encoder.parameters()), "lr": ft.lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=ft.weight_decay)
-    metric = PRIMARY_METRIC[td.task]
-    popular = evaluate_scores(val, popularity_scores(train, len(val)))
+    _set_encoder_trainable(model, not ft.freeze_encoder)
+    groups = param_groups(model, ft)
+    stepper = wrap(model, groups) if wrap is not None else TorchStepper(model, groups, ft.grad_clip)
 
+    metric = PRIMARY_METRIC[td.task]
+    ref = test if len(test) else val
+    popular = evaluate_scores(ref, popularity_scores(train, len(ref))) if len(ref) else {}
     history: list[dict[str, float]] = []
-    best, best_epoch, best_state, bad = {metric: -math.inf}, -1, None, 0
+    best_key = -math.inf
+    best_epoch, best_state, bad = -1, None, 0
     start = time.perf_counter()
-    rng = np.random.default_rng(ft.seed)
-    impl = encoder.cfg.kernel_impl
+    rng = np.random.default_rng([ft.seed, 7])
+    eval_bs = max(ft.batch_size, 256)
     bar = tqdm(range(ft.epochs), desc=f"finetune {td.task}{' ' + init_name if init_name else ''}",
-               disable=not progress, dynamic_ncols=True, leave=False)
+               disable=not progress or rank != 0, dynamic_ncols=True, leave=False)
     for epoch in bar:
+        probing = epoch < ft.probe_epochs and not ft.freeze_encoder
+        if ft.probe_epochs and not ft.freeze_encoder and epoch in (0, ft.probe_epochs):
+            _set_encoder_trainable(model, not probing)
+            bad = 0  # the fine-tuning phase gets its own patience
         model.train()
-        if ft.freeze_encoder:
+        if ft.freeze_encoder or probing:
             model.encoder.eval()  # no dropout in a frozen feature extractor
         order = rng.permutation(len(train))
+        global_bs = ft.batch_size * world_size
         total, n = 0.0, 0
-        for i in range(0, len(order), ft.batch_size):
-            idx = order[i:i + ft.batch_size]
+        for i in range(0, len(order), global_bs):
+            idx = order[i:i + global_bs][rank::world_size]  # this rank's slice of the global batch
+            if not len(idx):
+                continue
             batch = to_device(collator(train.rows[idx]), dev)
-            loss = task_loss(model, batch, train, idx, impl)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            loss = stepper.module(batch, batch_target(train, idx, dev))
+            stepper.step(loss)
             total += loss.item() * len(idx)
             n += len(idx)
-        scores = predict(model, collator, val.rows, max(ft.batch_size, 256), dev)
-        row = {"epoch": epoch, "train_loss": total / max(n, 1), **evaluate_scores(val, scores)}
+        row: dict[str, float] = {"epoch": epoch, "train_loss": total / max(n, 1)}
+        for name, part in (("val", val), ("test", test)):
+            if len(part):
+                out, loss = predict(model, collator, part.rows, eval_bs, dev, td=part)
+                row[f"{name}_loss"] = loss
+                row.update({f"{name}.{k}": v for k, v in task_metrics(part, out).items()})
         history.append(row)
-        bar.set_postfix({metric: f"{row[metric]:.4f}"})
-        if row[metric] > best[metric]:
-            best, best_epoch, bad = row, epoch, 0
+        if len(val):
+            key = row[f"val.{metric}"] if ft.early_stop_on == "metric" else -row["val_loss"]
+        else:
+            key = float(epoch)  # nothing to choose on: keep the last epoch
+        bar.set_postfix({k: f"{row[k]:.4f}" for k in (f"val.{metric}", f"test.{metric}") if k in row})
+        if key > best_key:
+            best_key, best_epoch, bad = key, epoch, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             bad += 1
-            if bad >= ft.patience:
+            if bad >= ft.patience and not probing:
                 break
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
-    result = FinetuneResult(td.task, init_name, history, best, best_epoch, time.perf_counter() - start,
-                            len(train), len(val), popular)
-    if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "result.json").write_text(json.dumps(result.__dict__, indent=2, default=str))
-        save_model(out_dir / "model", model, encoder.cfg, spec, meta={"task": td.task, "n_outputs": td.n_outputs})
+    chosen = history[best_epoch] if best_epoch >= 0 else {}
+    result = FinetuneResult(
+        td.task, init_name, history,
+        val={k[4:]: v for k, v in chosen.items() if k.startswith("val.")},
+        test={k[5:]: v for k, v in chosen.items() if k.startswith("test.")},
+        best_epoch=best_epoch, seconds=time.perf_counter() - start,
+        sizes={"train": len(train), "val": len(val), "test": len(test)}, popular=popular, model=model, split=split)
+    if out_dir is not None and rank == 0:
+        save_finetuned(out_dir, result, model, data, td, ft)
     return result
+
+
+def resolve_pooling(pooling: str, pretrained: bool) -> str:
+    """``auto`` -> mean for a pretrained encoder (its word states are trained, its first token's are not),
+    cls from scratch (see FinetuneConfig.pooling)."""
+    if pooling == "auto":
+        return "mean" if pretrained else "cls"
+    return pooling
+
+
+def _init_head_from_pretext(model: TaskModel, next_attribute: str, n_outputs: int) -> None:
+    # Next-item tasks rank over an attribute's vocabulary whose pretext head already scores it.
+    seg, _, attr = next_attribute.partition(".")
+    pretext = model.encoder.pretrain_head(seg, attr)
+    if pretext.weight.shape != model.head.weight.shape:
+        raise ValueError(f"finetune.next_attribute {next_attribute}: pretext head has "
+                         f"{pretext.weight.shape[0]} outputs, the task has {n_outputs}")
+    with torch.no_grad():
+        model.head.weight.copy_(pretext.weight)
+        model.head.bias.copy_(pretext.bias)
+
+
+def save_finetuned(out_dir: str | Path, result: FinetuneResult, model: TaskModel, data: TokenizedData,
+                   td: TaskData, ft: FinetuneConfig) -> None:
+    """FTDIR: result.json (metrics per epoch), split.parquet (user_id, split), model/ (safetensors + json)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from tokenizer.typed_config import to_dict
+
+    doc = {**result.to_dict(), "finetune": to_dict(ft), "labels": td.source}
+    (out_dir / "result.json").write_text(json.dumps(doc, indent=2, default=str))
+    split = result.split
+    train = split.train[:ft.max_train_users] if ft.max_train_users else split.train
+    idx = np.concatenate([train, split.val, split.test])  # users left out by max_train_users are not listed
+    names = ["train"] * len(train) + ["val"] * len(split.val) + ["test"] * len(split.test)
+    table = pa.table({"user_id": data.user_ids.take(pa.array(td.rows[idx])), "split": pa.array(names, pa.string())})
+    atomic_write(out_dir / "split.parquet", lambda p: pq.write_table(table, p))
+    meta = {"task": td.task, "n_outputs": td.n_outputs, "pooling": model.pooling, "next_attribute": ft.next_attribute,
+            "classes": [str(c) for c in td.classes], "labels": td.source, "init": result.init}
+    save_model(out_dir / "model", model, model.encoder.cfg, model.encoder.spec, meta=meta)

@@ -1,0 +1,143 @@
+"""The real-data recipes: Complete Journey (its CC0 sample ships in examples/) and the MovieLens-100K
+adapter (on a hand-written fixture in the ml-100k format; MovieLens itself may not be redistributed)."""
+
+import datetime as dt
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from engine.finetune import load_task
+from tokenizer.pipeline import tokenize
+from tokenizer.schema import load_schema
+from tokenizer.shards import open_tokenized
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _module(path: Path):
+    spec = importlib.util.spec_from_file_location(path.parent.name + "_convert", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_complete_journey_conversion_windows_labels_and_schema(tmp_path):
+    cj = _module(EXAMPLES / "completejourney" / "convert.py")
+    assert (EXAMPLES / "completejourney" / "data" / "SOURCE.md").read_text().count("CC0") >= 1
+    counts = cj.convert(tmp_path / "cj", max_households=150)
+    out = tmp_path / "cj"
+    long = pq.read_table(out / "long")
+    cut = dt.datetime(2017, 11, 1)
+    assert long.num_rows == counts["events_before_cut"] > 0
+    assert max(long.column("ts").to_pylist()) < cut  # nothing after the cut reaches the model
+    assert set(long.column_names) == {"user_id", "ts", "shop", "genre", "department", "brand", "price"}
+    users = pq.read_table(out / "users.parquet")
+    assert "kids_count" not in users.column_names and "household_comp" not in users.column_names
+    tokenize(load_schema(out / "schema.toml"), out / "tok", progress=False)
+    data = open_tokenized(out / "tok")
+    assert data.num_users == counts["households_with_history"] <= 150
+    manifest = data.manifest
+    assert manifest["segments"]["long"]["attributes"] == ["shop", "genre", "department", "brand", "price", "hour"]
+    assert manifest["user_attributes"]["names"] == ["age", "income", "home_ownership", "marital_status"]
+    kids = load_task(out / "labels" / "has_kids.parquet", data, "binary", strict_users=True)
+    assert len(kids) == counts["has_kids_users"] and kids.y.sum() == counts["has_kids_positive"]
+    camp = load_task(out / "labels" / "campaign_response.parquet", data, "binary", strict_users=True)
+    assert 0 < camp.y.sum() < len(camp)
+    nxt = load_task(out / "labels" / "next_category.parquet", data, "next", "long.genre", strict_users=True)
+    assert 0 < len(nxt) <= counts["next_users"]
+    # the next-category labels are exactly the categories bought after the cut
+    raw = cj._read_csv(cj.DATA / "transactions_sample.csv.gz")
+    products = cj._read_csv(cj.DATA / "products_in_sample.csv.gz")
+    cat = dict(zip(products.column("product_id").to_pylist(), products.column("product_category").to_pylist()))
+    uid = pq.read_table(out / "labels" / "next_category.parquet").to_pylist()[0]
+    expected = {cat.get(p) for h, p, t in zip(raw.column("household_id").to_pylist(),
+                                              raw.column("product_id").to_pylist(),
+                                              raw.column("transaction_timestamp").to_pylist())
+                if h == uid["user_id"] and t >= cut} - {None}
+    assert set(uid["label"]) == expected
+
+
+# -- MovieLens-100K, a hand-written fixture in its format --------------------------------------------------
+def _t(s: str) -> int:
+    return int(dt.datetime.fromisoformat(s).replace(tzinfo=dt.UTC).timestamp())
+
+
+GENRE_FLAGS = {  # movie -> genres (the ml-100k genre order: unknown, Action, Adventure, ..., Western)
+    1: ["Animation", "Children's", "Comedy"], 2: ["Action", "Adventure", "Thriller"], 3: ["Thriller"],
+    4: ["Action", "Comedy", "Drama"], 5: ["Crime", "Drama", "Thriller"], 6: ["Drama"],
+}
+U_ITEM_DATES = {1: "01-Jan-1995", 2: "01-Jan-1995", 3: "01-Jan-1995", 4: "01-Jan-1995", 5: "01-Jan-1995",
+                6: ""}
+U_USER = """1|24|M|technician|85711
+2|53|F|other|94043
+3|23|M|writer|32067
+4|24|M|technician|43537
+5|33|F|other|15213
+"""
+RATINGS = [  # user, item, rating, time
+    (1, 1, 5, "1997-10-01T10:00:00"), (1, 2, 3, "1997-10-01T10:05:00"), (1, 3, 4, "1997-10-03T20:00:00"),
+    (1, 6, 2, "1998-03-05T09:00:00"), (1, 5, 4, "1998-03-06T09:00:00"),
+    (2, 4, 4, "1997-11-11T02:00:00"), (2, 4, 5, "1997-11-11T05:00:00"), (2, 6, 3, "1998-03-02T12:00:00"),
+    (3, 2, 1, "1997-12-24T23:00:00"),
+    (4, 1, 4, "1998-01-15T08:00:00"), (4, 3, 5, "1998-01-15T08:30:00"), (4, 5, 2, "1998-02-20T18:00:00"),
+    (5, 6, 5, "1998-03-10T10:00:00"),  # only after the cut: not a user of the input
+]
+
+
+def _write_ml100k(d: Path) -> None:
+    from_genres = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+                   "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
+                   "War", "Western"]
+    d.mkdir()
+    (d / "u.data").write_text("".join(f"{u}\t{m}\t{r}\t{_t(t)}\n" for u, m, r, t in RATINGS))
+    lines = []
+    for m, genres in GENRE_FLAGS.items():
+        flags = "|".join("1" if g in genres else "0" for g in from_genres)
+        lines.append(f"{m}|Movie {m} (1995)|{U_ITEM_DATES[m]}||http://us.imdb.com/M/title-exact?{m}|{flags}\n")
+    (d / "u.item").write_text("".join(lines), encoding="latin-1")
+    (d / "u.user").write_text(U_USER)
+
+
+def test_movielens_adapter_on_a_hand_written_fixture(tmp_path):
+    ml = _module(EXAMPLES / "movielens" / "convert.py")
+    _write_ml100k(tmp_path / "ml-100k")
+    counts = ml.convert(tmp_path / "ml-100k", tmp_path / "out", cut="1998-03-01")
+    assert counts["ratings_before_cut"] == 9 and counts["ratings_after_cut"] == 4
+    assert counts["users_with_history"] == 4 and counts["next_genre_users"] == 2
+    out = tmp_path / "out"
+    ratings = pq.read_table(out / "ratings").to_pylist()
+    by = {(r["user_id"], r["item"]): r for r in ratings}
+    assert by[(1, 1)]["genre"] == "Animation" and by[(1, 2)]["genre"] == "Action"  # the first listed genre
+    assert by[(1, 1)]["decade"] == "1990s" and by[(1, 3)]["rating"] == 4 and by[(4, 5)]["rating"] == 2
+    nxt = {r["user_id"]: sorted(r["label"]) for r in pq.read_table(out / "labels" / "next_genre.parquet").to_pylist()}
+    assert nxt == {1: ["Crime", "Drama"], 2: ["Drama"]}  # user 5 has no history, so no label row
+    gender = {r["user_id"]: r["label"] for r in pq.read_table(out / "labels" / "gender.parquet").to_pylist()}
+    assert gender == {1: 0, 2: 1, 3: 0, 4: 0}
+    assert "gender" not in pq.read_table(out / "users.parquet").column_names  # a label is never an input
+    tokenize(load_schema(out / "schema.toml"), out / "tok", progress=False)
+    data = open_tokenized(out / "tok")
+    seg = data.segment("ratings")
+    words = np.diff(seg.user_word_offsets)
+    rows = {u: i for i, u in enumerate(data.user_ids.to_pylist())}
+    # daily words from 04:00: user 2's 02:00 and 05:00 ratings fall on two days; user 1 has two days
+    assert words[rows[2]] == 2 and words[rows[1]] == 2 and words[rows[4]] == 2
+    td = load_task(out / "labels" / "occupation.parquet", data, "multiclass", strict_users=True)
+    assert td.classes == ["other", "technician", "writer"]
+    td = load_task(out / "labels" / "next_genre.parquet", data, "next", "ratings.genre")
+    assert len(td) >= 1  # genres never seen before the cut cannot be ranked and are dropped
+    assert json.loads((out / "CONVERT.json").read_text())["cut"] == "1998-03-01"
+
+
+def test_movielens_adapter_names_the_bad_line(tmp_path):
+    ml = _module(EXAMPLES / "movielens" / "convert.py")
+    _write_ml100k(tmp_path / "ml-100k")
+    with open(tmp_path / "ml-100k" / "u.data", "a") as f:
+        f.write("7\t1\tfive\t880000000\n")
+    with pytest.raises(ml.MovieLensFormatError, match=r"u.data:14: expected integers"):
+        ml.convert(tmp_path / "ml-100k", tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="u.data"):
+        ml.convert(tmp_path / "nothing", tmp_path / "out2")
