@@ -297,6 +297,15 @@ def sort_rows(
     return rows, offsets
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _same_event(rows: np.ndarray, a: int, b: int, w: int) -> bool:  # pragma: no cover - compiled
+    """Rows a and b (same user and second) are the same event: equal microseconds and codes."""
+    for q in range(COL_US, w):
+        if rows[a, q] != rows[b, q]:
+            return False
+    return True
+
+
 @njit(cache=True, nogil=True)
 def sorted_duplicates(user_offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
     """bool [n]: the sorted event repeats an earlier one of its user: same second and
@@ -320,14 +329,7 @@ def sorted_duplicates(user_offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
             if r > 1 and r <= 48:
                 for b in range(i + 1, j):
                     for a in range(i, b):
-                        if dup[a]:
-                            continue
-                        same = True
-                        for q in range(COL_US, w):
-                            if rows[a, q] != rows[b, q]:
-                                same = False
-                                break
-                        if same:
+                        if not dup[a] and _same_event(rows, a, b, w):
                             dup[b] = True
                             break
             elif r > 48:
@@ -348,14 +350,7 @@ def sorted_duplicates(user_offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
                         pb = i + order[b2]
                         for a2 in range(g, b2):
                             pa_ = i + order[a2]
-                            if dup[pa_]:
-                                continue
-                            same = True
-                            for q in range(COL_US, w):
-                                if rows[pa_, q] != rows[pb, q]:
-                                    same = False
-                                    break
-                            if same:
+                            if not dup[pa_] and _same_event(rows, pa_, pb, w):
                                 dup[pb] = True
                                 break
                     g = h_end
