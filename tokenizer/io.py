@@ -120,6 +120,11 @@ def check_columns(files: Sequence[Path], columns: Sequence[str], what: str) -> d
     return schemas
 
 
+# Parquet column chunks are streamed through buffers of this size instead of read whole: a row group of
+# a wide, uncompressed file would otherwise hold its full column chunks in memory per reading worker.
+PARQUET_BUFFER = 8 << 20
+
+
 def iter_piece(
     path: Path,
     columns: Sequence[str],
@@ -141,11 +146,11 @@ def iter_piece(
     row = row_start
     try:
         if fmt == "parquet":
-            pf = pq.ParquetFile(path)
+            pf = pq.ParquetFile(path, buffer_size=PARQUET_BUFFER)
             fields = {f.name: f.type for f in pf.schema_arrow}
             as_dict = [c for c in dictionary_columns if c in fields and _stringy(fields[c])]
             if as_dict:
-                pf = pq.ParquetFile(path, read_dictionary=as_dict)
+                pf = pq.ParquetFile(path, read_dictionary=as_dict, buffer_size=PARQUET_BUFFER)
             stop = pf.metadata.num_row_groups if rg_stop < 0 else rg_stop
             if stop <= rg_start:
                 return

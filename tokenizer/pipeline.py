@@ -35,6 +35,7 @@ import numpy as np
 from tokenizer.coders import GlobalCodes, build_vocab, ids_for_vocab, merge_codes
 from tokenizer.hashing import hll_estimate
 from tokenizer.io import DEFAULT_BATCH_ROWS
+from tokenizer.memory import release_free_memory
 from tokenizer.partition import DuplicateFound, Lookups, Unit, WordsContext, process_unit, user_vocab_counts
 from tokenizer.plan import (
     PHASE2_EXTRA,
@@ -287,6 +288,7 @@ class _Run:
     def timed(self, name: str, phase: Callable[[], None]) -> None:
         t = time.perf_counter()
         phase()
+        release_free_memory()
         self.stats["seconds"][name] = time.perf_counter() - t
 
     def prepare(self, work_dir: Path | None) -> None:
@@ -332,7 +334,9 @@ class _Run:
         in_memory = spill == "memory" or (spill == "auto" and est_spill <= self.budget // 3)
         self.stats["spill_in_memory"] = in_memory
         read_opts = ReadOptions(
-            self.part_bits, self.job, opts.shard_index, opts.strict, self.seeds, opts.batch_rows,
+            # A batch and its intermediates take ~0.5 KB a row per reader: under a tight limit, smaller batches.
+            self.part_bits, self.job, opts.shard_index, opts.strict, self.seeds,
+            min(opts.batch_rows, max(16_384, self.budget // (opts.workers * 512))),
             use_threads=opts.workers == 1, cancel=self.cancel,
             pending_bytes=max(4 << 20, min(64 << 20, self.budget // (8 * opts.workers))),
         )

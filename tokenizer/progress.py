@@ -96,3 +96,4 @@ def summary(manifest: dict[str, Any], stats: dict[str, Any]) -> str:
     extra.append(f"spill {stats.get('spill_bytes', 0) / 2**20:,.0f} MiB in {stats.get('partitions', 0)} partitions")
     lines.append("  " + "   ".join(extra))
     return "\n".join(lines)
+
