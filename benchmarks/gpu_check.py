@@ -16,12 +16,16 @@ What it does, in order (each section's results go to the JSON; a short table is 
    sorted, torch reference, nn.EmbeddingBag-per-attribute + cat) in GB/s against the copy bandwidth;
    multi_label_softmax_ce over all heads of a segment (Triton grouped, torch chunked reference, full
    logits + F.cross_entropy with probability targets) with peak memory; a V_CHUNK sweep.
-5. A whole training step (engine.model.UserBERT, AdamW, bf16 autocast), kernel_impl triton vs torch.
+5. A whole training step (engine.model.UserBERT, fused AdamW, clipping, bf16 autocast), kernel_impl
+   triton vs torch, in users/s (issue 7's target: >= 20,000 users/s on one H100 at the paper config).
+6. The loader's rate: collate (Numba) on one host core at the paper's cap of 128 + 128 words per user,
+   in users/s per core (target >= 50,000); skipped with a note where numba or pyarrow is missing.
 
 Targets (issue 4, on an H100): gather forward >= 70% of the copy bandwidth, backward >= 35%; fused
 cross entropy >= 2x faster than the full-logits path at <= 10% of its peak memory.
 
-Runs with torch + triton + numpy only (no deepspeed, numba or pyarrow import), on triton >= 3.2.
+Runs with torch + triton + numpy (no deepspeed import), on triton >= 3.2; section 6 also needs numba and
+pyarrow.
 ``--smoke`` runs every section on CPU tensors in Triton's interpreter at tiny sizes: the
 correctness path is then exercised in CI (tests/test_kernels_gpu_check.py); its timings mean nothing.
 """
@@ -444,13 +448,15 @@ def time_train_step(layout, user_vocabs, H, batch, device, reps, warmup) -> dict
         torch.manual_seed(0)
         cfg = ModelConfig(hidden=H, layers=4, heads=4, dropout=0.1, attn_dropout=0.1, kernel_impl=impl)
         model = UserBERT(cfg, spec).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        # as engine/trainer.py: fused AdamW, clipping at 1.0
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         losses = []
 
         def step():
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 loss, stats = model.pretrain_loss(batch, masking)  # stats: one device->host copy per step
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
@@ -462,7 +468,41 @@ def time_train_step(layout, user_vocabs, H, batch, device, reps, warmup) -> dict
     for impl in ("triton", "torch"):
         out[impl] = one(impl)
     out["speedup"] = out["torch"]["step"]["ms"] / out["triton"]["step"]["ms"]
+    out["target_users_per_s"] = 20_000  # issue 7: one H100, bf16, paper configuration
+    out["target_met"] = out["triton"]["users_per_s"] >= out["target_users_per_s"]
     return out
+
+
+def loader_rate(smoke: bool) -> dict:
+    """engine.collate.Collator on one core (one torch thread), batches of 256 users at the paper's cap
+    (128 long-term + 128 short-term words per user, benchmarks/bench_data.py): users/s per host core
+    (target >= 50,000).  Needs numba and pyarrow; skipped with a note where they are missing."""
+    try:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import bench_data
+
+        from engine.collate import Collator
+        from engine.config import VocabSpec
+        from engine.model import user_attr_offsets
+    except ImportError as e:
+        return {"skipped": f"{type(e).__name__}: {e}"}
+    n_users, B, n_batches = (64, 16, 2) if smoke else (4096, 256, 40)
+    data = bench_data.paper_length_data(n_users)
+    collator = Collator(data, user_attr_offsets(VocabSpec.from_manifest(data.manifest)))
+    rng = np.random.default_rng(0)
+    plan = [rng.choice(n_users, B, replace=False) for _ in range(n_batches)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        collator(plan[0], 0)
+        t = time.perf_counter()
+        for i, users in enumerate(plan):
+            collator(users, i)
+        sec = time.perf_counter() - t
+    finally:
+        torch.set_num_threads(threads)
+    return {"users": B * n_batches, "seconds": sec, "users_per_s_per_core": B * n_batches / sec,
+            "target_users_per_s_per_core": 50_000, "cpus": os.cpu_count()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -502,6 +542,13 @@ def table(results: dict) -> str:
             peak = f"{q['peak_MB']:9.0f}" if q["peak_MB"] is not None else f"{'-':>9s}"
             what = f"train step {p} ({step['users']} users)"
             lines.append(f"{what:44s} {q['step']['ms']:9.1f} {'':>16s} {peak}  {q['users_per_s']:.0f} users/s")
+    loader = results.get("loader")
+    if loader and "users_per_s_per_core" in loader:
+        what = "loader: collate, paper-max lengths, 1 core"
+        lines.append(f"{what:44s} {loader['seconds'] * 1e3:9.1f} {'':>16s} {'':>9s}  "
+                     f"{loader['users_per_s_per_core']:.0f} users/s per core (target 50,000)")
+    elif loader:
+        lines.append(f"{'loader':44s} skipped: {loader.get('skipped')}")
     if "checks_ok" not in results:
         return "\n".join(lines)
     checks = results.get("checks_ok")
@@ -611,6 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_step:
         results["train_step"] = section("time train step", lambda: time_train_step(layout, user_vocabs, H, batch,
                                                                                    device, reps, warmup))
+    results["loader"] = section("loader rate", lambda: loader_rate(smoke))
     results["checks_ok"] = not failed
     results["failed"] = failed
     results["seconds"] = time.perf_counter() - t_start

@@ -1,9 +1,9 @@
 """The fused kernels against the torch references and what a user would write, at the paper's sizes.
 
-    TRITON_INTERPRET=0 pytest benchmarks/test_kernels.py --benchmark-only
+    pytest benchmarks/test_kernels.py --benchmark-only
 
-Needs CUDA, and Triton compiling for it: the root conftest.py turns the interpreter on unless the
-environment already says ``TRITON_INTERPRET=0``.  Skipped otherwise (CPU machines, CI).
+Needs CUDA, and Triton compiling for it (the root conftest.py turns Triton's interpreter on only on
+machines without CUDA, or when TRITON_INTERPRET=1 is set).  Skipped otherwise (CPU machines, CI).
 
 Providers, per op (forward + backward, one segment of a 512-user batch; inputs from gpu_check.py):
 - gather_concat_mean: ``triton_atomic``, ``triton_sorted`` (the two Triton backwards), ``torch`` (the
@@ -26,7 +26,7 @@ from kernels.dispatch import interpreter_enabled, triton_importable
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and triton_importable() and not interpreter_enabled()),
-    reason="needs CUDA, triton, and TRITON_INTERPRET=0 (the root conftest.py enables the interpreter otherwise)",
+    reason="needs CUDA and triton compiling for it (not Triton's CPU interpreter, TRITON_INTERPRET=1)",
 )
 
 SEGMENTS = ["long", "short"]

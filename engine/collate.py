@@ -59,79 +59,119 @@ def _select_words(n_words: np.ndarray, select_prob: float, zero_prob: float, see
     return flags
 
 
+@njit(cache=True, inline="always")
+def _word_labels(out_attr, r0, r1, k, label_ids, n, buf):
+    """Append the distinct nonzero values of column k in rows r0:r1 to ``row`` from ``n``, ascending.
+    Returns the new length."""
+    # Small ids (action type, hour, device, ...): a 64-bit set, read out in ascending order.
+    bits = np.uint64(0)
+    small = True
+    for r in range(r0, r1):
+        v = out_attr[r, k]
+        if v >= 64:
+            small = False
+            break
+        bits |= np.uint64(1) << np.uint64(v)
+    if small:
+        v = 1  # bit 0 is padding, never a label
+        bits >>= np.uint64(1)
+        while bits:
+            if bits & np.uint64(1):
+                label_ids[k, n] = v
+                n += 1
+            bits >>= np.uint64(1)
+            v += 1
+        return n
+    # Otherwise insertion into a sorted buffer (words hold at most a few dozen actions), duplicates dropped.
+    c = 0
+    for r in range(r0, r1):
+        v = out_attr[r, k]
+        if v == 0:
+            continue
+        t = c
+        while t > 0 and buf[t - 1] > v:
+            t -= 1
+        if t > 0 and buf[t - 1] == v:
+            continue
+        for q in range(c, t, -1):
+            buf[q] = buf[q - 1]
+        buf[t] = v
+        c += 1
+    for i in range(c):
+        label_ids[k, n + i] = buf[i]
+    return n + c
+
+
 @njit(cache=True)
-def _gather_segment(users, user_word_offsets, word_pos, word_len, user_action_offsets, attr_ids, slot_start):
-    """Copy the users' words and actions of one segment into batch-local CSR arrays.
+def _collate_segment(users, user_word_offsets, word_pos, word_len, user_action_offsets, attr_ids, slot_start,
+                     flags, flag_start):
+    """One segment of the batch in one pass: the users' words and actions copied into batch-local CSR
+    arrays, the masked words, and the label CSR of every attribute.
 
     slot_start: int64 [B]  flat grid index of each user's first word of this segment.
-    Returns attr_ids [A, K], word_offsets int32 [W+1], word_pos int32 [W], word_slot int64 [W].
+    flags: int8 [*] mask flags of :func:`_select_words`; flag_start: int64 [B] where user b's flags for
+    this segment begin.
+    Returns attr_ids int32 [A, K], word_offsets int32 [W+1], word_pos int32 [W], word_slot int64 [W],
+    masked int64 [M], masked_zero bool [M], label_offsets int32 [K, M+1], label_ids int32 [K, cap]
+    (row k's first label_offsets[k, M] entries are attribute k's labels).
     """
     B = users.shape[0]
     K = attr_ids.shape[1]
     W = 0
     A = 0
+    M = 0
+    cap = 0  # actions in masked words: bounds every attribute's label count
+    longest = 1
     for b in range(B):
         u = users[b]
-        W += user_word_offsets[u + 1] - user_word_offsets[u]
+        w0 = user_word_offsets[u]
+        nw = user_word_offsets[u + 1] - w0
+        W += nw
         A += user_action_offsets[u + 1] - user_action_offsets[u]
+        for i in range(nw):
+            if flags[flag_start[b] + i] != 0:
+                M += 1
+                cap += word_len[w0 + i]
+                longest = max(longest, word_len[w0 + i])
     out_attr = np.empty((A, K), dtype=np.int32)
     out_off = np.empty(W + 1, dtype=np.int32)
     out_pos = np.empty(W, dtype=np.int32)
     out_slot = np.empty(W, dtype=np.int64)
+    masked = np.empty(M, dtype=np.int64)
+    zero = np.empty(M, dtype=np.bool_)
+    label_off = np.zeros((K, M + 1), dtype=np.int32)
+    label_ids = np.empty((K, max(cap, 1)), dtype=np.int32)
+    n_labels = np.zeros(K, dtype=np.int64)
+    buf = np.empty(longest, dtype=np.int32)
     w = 0
     a = 0
+    m = 0
     out_off[0] = 0
+    flat_src = attr_ids.reshape(-1)  # rows are contiguous: a user's actions are one block copy
+    flat_dst = out_attr.reshape(-1)
     for b in range(B):
         u = users[b]
         a0 = user_action_offsets[u]
-        a1 = user_action_offsets[u + 1]
-        for i in range(a1 - a0):
-            for k in range(K):
-                out_attr[a + i, k] = attr_ids[a0 + i, k]
+        n_act = user_action_offsets[u + 1] - a0
+        flat_dst[a * K:(a + n_act) * K] = flat_src[a0 * K:(a0 + n_act) * K]
         w0 = user_word_offsets[u]
         for i in range(user_word_offsets[u + 1] - w0):
             out_pos[w] = word_pos[w0 + i]
             out_slot[w] = slot_start[b] + i
             out_off[w + 1] = out_off[w] + word_len[w0 + i]
+            f = flags[flag_start[b] + i]
+            if f != 0:
+                masked[m] = w
+                zero[m] = f == SELECTED_ZERO
+                # Labels now, while the user's rows just copied are still in cache; masked words come in
+                # user order, so every attribute's CSR is appended in order.
+                for k in range(K):
+                    n_labels[k] = _word_labels(out_attr, out_off[w], out_off[w + 1], k, label_ids, n_labels[k], buf)
+                    label_off[k, m + 1] = n_labels[k]
+                m += 1
             w += 1
-        a += a1 - a0
-    return out_attr, out_off, out_pos, out_slot
-
-
-@njit(cache=True)
-def _distinct_labels(attr_ids, word_offsets, masked, k):
-    """CSR of the distinct nonzero values of attribute k in each masked word, ascending."""
-    M = masked.shape[0]
-    offsets = np.zeros(M + 1, dtype=np.int32)
-    total = 0
-    for m in range(M):
-        w = masked[m]
-        total += word_offsets[w + 1] - word_offsets[w]
-    ids = np.empty(total, dtype=np.int32)
-    n = 0
-    for m in range(M):
-        w = masked[m]
-        start = n
-        for a in range(word_offsets[w], word_offsets[w + 1]):
-            v = attr_ids[a, k]
-            if v == 0:
-                continue
-            # Insertion into the sorted run ids[start:n]; words hold at most a few dozen actions.
-            j = n
-            dup = False
-            while j > start and ids[j - 1] >= v:
-                if ids[j - 1] == v:
-                    dup = True
-                    break
-                j -= 1
-            if dup:
-                continue
-            for t in range(n, j, -1):
-                ids[t] = ids[t - 1]
-            ids[j] = v
-            n += 1
-        offsets[m + 1] = n
-    return offsets, ids[:n].copy()
+        a += n_act
+    return out_attr, out_off, out_pos, out_slot, masked, zero, label_off, label_ids
 
 
 @dataclass
@@ -168,23 +208,17 @@ class Collator:
         out = []
         for s, seg in enumerate(segs):
             slot_start = np.arange(B, dtype=np.int64) * T + 1 + U + seg_before[:, s]
-            attr, offs, pos, slot = _gather_segment(
+            attr, offs, pos, slot, masked, zero, lo, li = _collate_segment(
                 users, seg.user_word_offsets, seg.word_pos, seg.word_len, seg.user_action_offsets,
-                seg.attr_ids, slot_start,
+                np.ascontiguousarray(seg.attr_ids), slot_start, flags, user_start + seg_before[:, s],
             )
-            seg_flags = flags[_ranges(user_start + seg_before[:, s], n_words[:, s])]
-            masked = np.flatnonzero(seg_flags).astype(np.int64)
-            zero = seg_flags[masked] == SELECTED_ZERO
-            label_offsets, label_ids = [], []
-            for k in range(attr.shape[1]):
-                lo, li = _distinct_labels(attr, offs, masked, k)
-                label_offsets.append(torch.from_numpy(lo))
-                label_ids.append(torch.from_numpy(li))
+            nnz = lo[:, -1]  # [K] labels per attribute
             out.append(SegmentBatch(
                 attr_ids=torch.from_numpy(attr), word_offsets=torch.from_numpy(offs),
                 word_pos=torch.from_numpy(pos), word_slot=torch.from_numpy(slot),
                 masked=torch.from_numpy(masked), masked_zero=torch.from_numpy(zero),
-                label_offsets=label_offsets, label_ids=label_ids,
+                label_offsets=[torch.from_numpy(lo[k]) for k in range(lo.shape[0])],
+                label_ids=[torch.from_numpy(li[k, :nnz[k]]) for k in range(lo.shape[0])],
             ))
         ua = self.data.user_attr_ids[users] + self.user_attr_offsets[None, :] if U else np.zeros((B, 0), np.int32)
         return Batch(
@@ -195,14 +229,3 @@ class Collator:
             users=torch.from_numpy(users.copy()),
         )
 
-
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(start, start + length) for each pair (vectorised)."""
-    lengths = lengths.astype(np.int64)
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    ends = np.cumsum(lengths)
-    idx = np.arange(total, dtype=np.int64)
-    first = np.repeat(ends - lengths, lengths)
-    return idx - first + np.repeat(starts.astype(np.int64), lengths)

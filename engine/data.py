@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from engine.batch import Batch
+from engine.batch import Batch, PackedBatch, pack_batch, unpack_batch
 from engine.collate import Collator
 
 _MIX = 1_000_003
@@ -176,6 +176,7 @@ class TrainBatches(Dataset):
         if self.per_epoch == 0:
             raise ValueError(f"{len(self.rows)} users cannot fill one global batch of {layout.global_batch}")
         self._epoch, self._batches = -1, []
+        self.packed = False  # worker processes send one buffer per batch (engine.batch.pack_batch)
 
     def __len__(self) -> int:
         return max(0, self.end_step - self.start_step) * self.layout.accumulation
@@ -198,9 +199,10 @@ class TrainBatches(Dataset):
         chunk = self._batches[index][slot::n][:self.layout.micro_batch]
         return self.rows[chunk], batch_seed(self.seed, epoch, index * n + slot)
 
-    def __getitem__(self, k: int) -> Batch:
+    def __getitem__(self, k: int) -> Batch | PackedBatch:
         users, seed = self.users(k)
-        return self.collator(users, seed)
+        batch = self.collator(users, seed)
+        return pack_batch(batch) if self.packed else batch
 
 
 def _loader_worker_init(_: int) -> None:
@@ -228,8 +230,13 @@ class TrainLoader:
     long the trainer waits for each batch (``data_wait_s``, reset by :meth:`take_wait`)."""
 
     def __init__(self, dataset: TrainBatches, workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 4,
-                 seed: int = 0):
+                 seed: int = 0, device: torch.device | None = None):
         self.dataset = dataset
+        # With workers, a batch arrives as one buffer: on a GPU it crosses to the device in one copy and is
+        # unpacked there (views), instead of one small copy per tensor.
+        self.device = device if device is not None and device.type == "cuda" else None
+        self.non_blocking = pin_memory
+        dataset.packed = workers > 0
         kwargs = {}
         if workers > 0:
             kwargs.update(prefetch_factor=prefetch_factor, persistent_workers=False, worker_init_fn=_loader_worker_init)
@@ -251,6 +258,10 @@ class TrainLoader:
     def __next__(self) -> Batch:
         t = time.perf_counter()
         batch = next(self._it)
+        if isinstance(batch, PackedBatch):
+            if self.device is not None:
+                batch = PackedBatch(batch.buffer.to(self.device, non_blocking=self.non_blocking), batch.spec)
+            batch = unpack_batch(batch)
         self.wait_s += time.perf_counter() - t
         return batch
 

@@ -120,7 +120,7 @@ class TorchBackend:
         self.model, self.ctx, self.layout, self.tc = model, ctx, layout, tc
         self.module = PretrainStep(model, cfg.masking)
         self.optimizer = build_optimizer(model, tc.lr, tc.betas, tc.weight_decay, tc.eps,
-                                         fused=True if ctx.device.type == "cuda" else None)
+                                         fused=ctx.device.type in ("cuda", "cpu") or None)
         self.scheduler = build_scheduler(self.optimizer, tc)
         self.ddp = None
         if ctx.world_size > 1:
@@ -447,7 +447,7 @@ class Trainer:
                                tc.group_by_length)
         workers = auto_workers(tc.loader_workers, ctx.device, _local_world_size())
         pin = tc.pin_memory and ctx.device.type == "cuda"
-        loader = TrainLoader(dataset, workers, pin, tc.prefetch_factor, seed=tc.seed)
+        loader = TrainLoader(dataset, workers, pin, tc.prefetch_factor, seed=tc.seed, device=ctx.device)
         metrics = MetricsLogger(self.run_dir, enabled=main, start_step=self.start_step)
         bar = Progress(tc.steps, self.start_step, enabled=main and self.progress)
         heads = [f"loss/{s.name}.{a}" for s in self.spec.segments for a in s.attributes]

@@ -4,7 +4,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+import torch
 
+from engine.batch import flat_tensors, pack_batch, unpack_batch
 from engine.collate import CollateConfig, Collator
 
 
@@ -156,3 +158,20 @@ def test_padding_mask(seed):
     batch = Collator(data, [0, 10])(np.arange(10), seed=seed)
     mask = batch.padding_mask()
     assert mask.sum(1).tolist() == batch.seq_lens.tolist()
+
+
+@pytest.mark.parametrize(("seed", "select_prob"), [(0, 0.15), (1, 0.5), (2, 0.0)])
+def test_packed_batch_round_trips_every_tensor(seed, select_prob):
+    # What loader workers send: one aligned buffer; what the trainer gets back: views of it.
+    data = random_data(seed, K=(3, 1, 2))
+    users = np.random.default_rng(seed).choice(data.num_users, 13, replace=False)
+    batch = Collator(data, [0, 10], CollateConfig(select_prob=select_prob))(users, seed=seed)
+    packed = pack_batch(batch)
+    back = unpack_batch(packed)
+    assert packed.buffer.dtype == torch.uint8 and packed.buffer.is_contiguous()
+    assert back.max_len == batch.max_len and len(back.segments) == 3
+    a, b = flat_tensors(batch), flat_tensors(back)
+    assert len(a) == len(b) == 3 + sum(6 + 2 * k for k in (3, 1, 2))
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+        assert y.numel() == 0 or y.untyped_storage().data_ptr() == packed.buffer.untyped_storage().data_ptr()

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from engine.batch import flat_tensors
 from engine.collate import CollateConfig, Collator
 from engine.config import VocabSpec
 from engine.data import BatchLayout, TrainBatches, TrainLoader, batch_layout, epoch_plan, pretrain_batches
@@ -97,11 +98,15 @@ def test_start_step_resumes_the_same_items(collator):
 
 def test_workers_give_the_same_batches_and_wait_is_timed(collator):
     ds = TrainBatches(collator, batch_layout(16, 1), 0, 7, 0, 10)
-    plain = [b.users for b in TrainLoader(ds, workers=0)]
+    plain = list(TrainLoader(ds, workers=0))
     loader = TrainLoader(ds, workers=2, prefetch_factor=2)
     try:
-        pooled = [b.users for b in loader]
+        pooled = list(loader)  # workers send one packed buffer per batch; unpacked into views here
     finally:
         loader.close()
-    assert len(plain) == len(pooled) == 10 and all(torch.equal(a, b) for a, b in zip(plain, pooled))
+    assert len(plain) == len(pooled) == 10
+    for a, b in zip(plain, pooled):
+        assert a.max_len == b.max_len
+        ta, tb = flat_tensors(a), flat_tensors(b)
+        assert len(ta) == len(tb) and all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(ta, tb))
     assert loader.take_wait() > 0 and loader.take_wait() == 0.0

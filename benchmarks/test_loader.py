@@ -1,0 +1,110 @@
+"""The loader: collate (Numba: gather, masking, label CSR) in one process, and through worker processes.
+
+    pytest benchmarks/test_loader.py --benchmark-only
+
+- ``test_collate_one_core``: :class:`engine.collate.Collator` on random batches of 256 users, one torch
+  thread, on two length distributions: ``synth`` (the synthetic generator's heavy-tailed histories) and
+  ``paper_max`` (every user at the paper's cap of 128 long-term + 128 short-term words, 2.5 / 6 actions
+  per word: the most work per user collate can get).  Target (issue 7): >= 50,000 users/s per core.
+- ``test_loader_workers``: :class:`engine.data.TrainLoader` with 2 worker processes over a
+  length-grouped plan, as the trainer runs it on a GPU host (users/s delivered to the training loop, in
+  steady state: after the workers have started). Workers send one packed buffer per batch.
+
+extra_info: users/s (per core for the one-process case), actions/s, words/s.
+"""
+
+from __future__ import annotations
+
+import os
+
+import bench_data
+import numpy as np
+import pytest
+import torch
+
+
+def _collator(data):
+    from engine.collate import Collator
+    from engine.config import VocabSpec
+    from engine.model import user_attr_offsets
+
+    return Collator(data, user_attr_offsets(VocabSpec.from_manifest(data.manifest)))
+
+
+@pytest.fixture(scope="module")
+def datasets(synth_tok, bench_full):
+    from tokenizer.shards import open_tokenized
+
+    return {"synth": open_tokenized(synth_tok),
+            "paper_max": bench_data.paper_length_data(4096 if bench_full else 64)}
+
+
+@pytest.mark.parametrize("dataset", ["synth", "paper_max"])
+def test_collate_one_core(benchmark, datasets, bench_full, dataset):
+    data = datasets[dataset]
+    collator = _collator(data)
+    B = 256 if bench_full else 16
+    rng = np.random.default_rng(0)
+    plan = [rng.choice(data.num_users, B, replace=False) for _ in range(40 if bench_full else 2)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        collator(plan[0], 0)  # Numba: load the compiled functions outside the measurement
+        out = {}
+
+        def run():
+            for i, users in enumerate(plan):
+                b = collator(users, i)
+            out["batch"] = b
+
+        benchmark.pedantic(run, rounds=5 if bench_full else 1, iterations=1)
+    finally:
+        torch.set_num_threads(threads)
+    words = sum(int(np.diff(s.user_word_offsets)[u].sum()) for s in data.segments for u in plan)
+    actions = sum(int((s.user_action_offsets[u + 1] - s.user_action_offsets[u]).sum())
+                  for s in data.segments for u in plan)
+    info = {"dataset": dataset, "users_per_batch": B, "batches": len(plan), "words": words, "actions": actions,
+            "loadavg": os.getloadavg()[0]}
+    if benchmark.stats is not None:
+        sec = benchmark.stats.stats.median
+        info.update(users_per_s=B * len(plan) / sec, words_per_s=words / sec, actions_per_s=actions / sec)
+    benchmark.extra_info.update(info)
+    assert out["batch"].batch_size == B
+
+
+@pytest.mark.parametrize("dataset", ["synth", "paper_max"])
+def test_loader_workers(benchmark, datasets, bench_full, dataset):
+    """Steady state: the clock starts once the workers are up and have delivered their first batches."""
+    from engine.data import TrainBatches, TrainLoader, batch_layout
+
+    data = datasets[dataset]
+    collator = _collator(data)
+    B = 256 if bench_full else 16
+    steps, warm = (60, 8) if bench_full else (4, 1)
+    workers = 2
+    counted = {}
+
+    def start():
+        ds = TrainBatches(collator, batch_layout(B, 1), rank=0, seed=0, start_step=0, end_step=steps)
+        loader = iter(TrainLoader(ds, workers=workers, prefetch_factor=4))
+        for _ in range(warm):
+            next(loader)
+        return (loader,), {}
+
+    def run(loader):
+        n = 0
+        try:
+            while (batch := next(loader, None)) is not None:  # not `for`: iter() would restart the loader
+                n += batch.batch_size
+        finally:
+            loader.close()
+        counted["users"] = n
+
+    benchmark.pedantic(run, setup=start, rounds=3 if bench_full else 1, iterations=1)
+    assert counted["users"] == B * (steps - warm)
+    info = {"dataset": dataset, "workers": workers, "users_per_batch": B, "steps": steps - warm,
+            "loadavg": os.getloadavg()[0]}
+    if benchmark.stats is not None:
+        sec = benchmark.stats.stats.median
+        info.update(users_per_s=B * (steps - warm) / sec, users_per_s_per_worker=B * (steps - warm) / sec / workers)
+    benchmark.extra_info.update(info)
