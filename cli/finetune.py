@@ -1,10 +1,15 @@
-"""Fine-tuning entry point: `python cli/finetune.py ...` or `deepspeed cli/finetune.py ... --deepspeed_config DS.json`.
+"""Fine-tuning entry point for launchers.
+
+    python cli/finetune.py ...                                                   # = userbert-engine finetune
+    python cli/finetune.py ... --deepspeed_config DS.json                         # DeepSpeed, one process
+    deepspeed [--num_gpus N] cli/finetune.py ... --deepspeed_config DS.json
+    torchrun --nproc_per_node N cli/finetune.py ... --deepspeed_config DS.json
 
 Parse, build, train, close — the logic lives in engine/finetune.py.  Without DeepSpeed this is the
-same code path as `userbert-engine finetune`.  With ``--deepspeed_config`` (or under the
-`deepspeed` launcher) the task model and its parameter groups are handed to
-``deepspeed.initialize``, every rank trains on its slice of each global batch, and rank 0 writes
-the output directory.
+same code path as `userbert-engine finetune`.  With ``--deepspeed_config`` the process group comes
+from engine/distributed.py (the launcher's, or a one-member group for a plain process: no MPI), the
+task model and its parameter groups are handed to ``deepspeed.initialize``, every rank trains on
+its slice of each global batch, and rank 0 writes the output directory.
 """
 
 from __future__ import annotations
@@ -33,55 +38,67 @@ class DeepSpeedStepper:
         self.engine.step()
 
 
-def deepspeed_wrap(ds_config: dict, grad_clip: float):
+def deepspeed_wrap(deepspeed, ds_config: dict):
     """A ``wrap`` for :func:`engine.finetune.finetune` that builds a DeepSpeed engine over the task model."""
-    import deepspeed
     import torch
 
     def wrap(model, groups):
-        config = dict(ds_config)
-        config.setdefault("gradient_clipping", grad_clip)
-        # Our AdamW with its per-group learning rates (head, layer-wise decay); DeepSpeed's own
-        # optimizer section would flatten them to one rate.
-        optimizer = None if "optimizer" in config else torch.optim.AdamW(groups)
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer, config=config)
+        # Our AdamW with its per-group learning rates (head, layer-wise decay); DeepSpeed's own optimizer
+        # section would flatten them to one rate (finetune_deepspeed_config checked and removed it).
+        # dist_init_required=False: the process group is ours (engine/distributed.py).
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(groups), config=ds_config,
+                                          dist_init_required=False)
         return DeepSpeedStepper(engine)
 
     return wrap
 
 
+def run_deepspeed(args: argparse.Namespace) -> dict | None:
+    """Fine-tune through DeepSpeed; the result on rank 0 (None elsewhere)."""
+    from cli.common import load_run_config
+    from engine.deepspeed_config import load_ds_json
+    from engine.distributed import init_distributed, shutdown
+    from engine.finetune import finetune_deepspeed_config
+    from engine.trainer import import_deepspeed
+
+    cfg = load_run_config(args)
+    ctx = init_distributed(cfg.train.device)
+    try:
+        deepspeed = import_deepspeed(ctx.device.type)
+        if ctx.device.type == "cuda":
+            args.set = [*args.set, f'train.device="{ctx.device}"']
+        ds = finetune_deepspeed_config(load_ds_json(args.deepspeed_config), cfg.finetune, ctx.world_size,
+                                       ctx.device.type, str(args.deepspeed_config))
+        out = run_finetune(args, rank=ctx.rank, world_size=ctx.world_size, wrap=deepspeed_wrap(deepspeed, ds))
+        return out if ctx.is_main else None
+    finally:
+        shutdown(ctx)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description="Fine-tune a UserBERT model on a downstream task (DeepSpeed-capable)")
     add_finetune_args(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--deepspeed_config", type=Path, help="DeepSpeed JSON config (fine-tune through a DeepSpeed engine)")
+    p.add_argument("--deepspeed_config", type=Path, help="DeepSpeed JSON config (fine-tune through a DeepSpeed engine; "
+                                                         "e.g. configs/ds/zero1_bf16.json)")
+    # The deepspeed launcher appends --local_rank=N; the rank is read from the environment.
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    from engine.distributed import launched_world_size
+    from tokenizer.typed_config import ConfigError
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    wrap = None
-    if world > 1 or args.deepspeed_config:
-        if args.deepspeed_config is None:
-            p.error(f"WORLD_SIZE={world}: multi-process fine-tuning runs through DeepSpeed; pass --deepspeed_config")
-        import deepspeed
-        import torch
-
-        from cli.common import load_run_config
-
-        deepspeed.init_distributed()
-        cfg = load_run_config(args)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(args.local_rank)
-            args.set = [*args.set, f'train.device="cuda:{args.local_rank}"']
-        ds_config = json.loads(args.deepspeed_config.read_text())
-        # DeepSpeed checks its batch arithmetic: our batch_size is per rank (micro batch), no accumulation.
-        ds_config.setdefault("train_micro_batch_size_per_gpu", cfg.finetune.batch_size)
-        ds_config.setdefault("gradient_accumulation_steps", 1)
-        wrap = deepspeed_wrap(ds_config, cfg.finetune.grad_clip)
-    out = run_finetune(args, rank=rank, world_size=world, wrap=wrap)
-    if rank == 0:
+    world = launched_world_size()
+    if world > 1 and args.deepspeed_config is None:
+        p.error(f"WORLD_SIZE={world}: multi-process fine-tuning runs through DeepSpeed; pass --deepspeed_config")
+    try:
+        out = run_deepspeed(args) if args.deepspeed_config else run_finetune(args)
+    except (ConfigError, FileNotFoundError, ValueError) as e:  # setup errors (LabelError included): one line
+        logging.getLogger("userbert").error("%s", e)
+        return 2
+    if out is not None:
         print(json.dumps(out, indent=2))
     return 0
 

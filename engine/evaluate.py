@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from engine.baselines import fit_logreg, history_scorer, popularity_scores
+from engine.checkpoint import atomic_write
 from engine.metrics import accuracy, bootstrap_indices, ranking_metrics_per_user, roc_auc, roc_auc_ovr, top_k
 from engine.tasks import FIRST_ID, PRIMARY_METRIC, Split, TaskData
 from tokenizer.shards import TokenizedData
@@ -250,7 +251,8 @@ def write_report(out_dir: str | Path, reports: dict[str, EvalReport], title: str
     """EVALDIR/results.md and results.json for one or more tasks."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    md = [f"# {title}", ""] + [r.markdown(title=name) + "\n" for name, r in reports.items()]
-    (out_dir / "results.md").write_text("\n".join(md))
-    (out_dir / "results.json").write_text(json.dumps({k: r.to_dict() for k, r in reports.items()}, indent=2))
+    md = "\n".join([f"# {title}", ""] + [r.markdown(title=name) + "\n" for name, r in reports.items()])
+    doc = json.dumps({k: r.to_dict() for k, r in reports.items()}, indent=2)
+    atomic_write(out_dir / "results.md", lambda p: Path(p).write_text(md))
+    atomic_write(out_dir / "results.json", lambda p: Path(p).write_text(doc))
     return out_dir / "results.md"

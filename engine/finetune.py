@@ -66,8 +66,9 @@ from tokenizer.shards import TokenizedData
 
 log = logging.getLogger("userbert")
 
-__all__ = ["PRIMARY_METRIC", "FinetuneResult", "TaskData", "TaskModel", "build_encoder", "finetune", "load_task",
-           "load_task_model", "make_split", "popularity_scores", "predict", "split_indices", "task_metrics"]
+__all__ = ["PRIMARY_METRIC", "FinetuneResult", "TaskData", "TaskModel", "build_encoder", "finetune",
+           "finetune_deepspeed_config", "load_task", "load_task_model", "make_split", "popularity_scores", "predict",
+           "split_indices", "task_metrics"]
 
 RANK_K = 10  # ranked list length of next-item tasks (mAP@10, as in the paper)
 
@@ -227,6 +228,35 @@ class TorchStepper:
 Wrap = Callable[[TaskModel, list[dict[str, Any]]], Stepper]
 
 
+def finetune_deepspeed_config(raw: dict[str, Any], ft: FinetuneConfig, world_size: int, device_type: str,
+                              where: str = "deepspeed config") -> dict[str, Any]:
+    """A DeepSpeed JSON made ready for fine-tuning: the same rules as pretraining (engine/deepspeed_config.py),
+    with the run's values taken from ``[finetune]``: the global batch is ``batch_size`` users per rank times
+    the world size, one micro-batch per step (the loop steps every batch), and ``lr``, ``weight_decay``,
+    ``grad_clip`` are finetune's.  The optimizer section is checked and dropped: our AdamW with its groups
+    (head rate, layer decay) is handed to DeepSpeed.  A scheduler section is refused: fine-tuning runs at a
+    constant rate."""
+    from engine.config import TrainConfig
+    from engine.deepspeed_config import resolve_ds_config
+    from tokenizer.typed_config import ConfigError
+
+    if "scheduler" in raw:
+        raise ConfigError(f"{where}: scheduler: fine-tuning runs at a constant learning rate (finetune.lr); remove "
+                          "the scheduler section (the shipped configs/ds/zero*_bf16.json have none)")
+    tc = TrainConfig(batch_size=ft.batch_size * world_size, micro_batch_size=ft.batch_size, lr=ft.lr,
+                     weight_decay=ft.weight_decay, grad_clip=ft.grad_clip, steps=1)
+    try:
+        resolved = resolve_ds_config(raw, tc, world_size, device_type, where)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (fine-tuning: train.batch_size means finetune.batch_size x world size "
+                          f"= {tc.batch_size}, train.lr finetune.lr = {ft.lr}, train.grad_clip finetune.grad_clip)"
+                          ) from None
+    if resolved.layout.accumulation != 1:
+        raise ConfigError(f"{where}: gradient_accumulation_steps = {resolved.layout.accumulation}: fine-tuning "
+                          "steps once per micro-batch; use \"auto\" or 1")
+    return resolved.config
+
+
 def _set_encoder_trainable(model: TaskModel, trainable: bool) -> None:
     for name, p in model.encoder.named_parameters():
         if not name.startswith("heads."):
@@ -382,9 +412,11 @@ def finetune(data: TokenizedData, td: TaskData, ft: FinetuneConfig, encoder: Use
         global_bs = ft.batch_size * world_size
         total, n = 0.0, 0
         for i in range(0, len(order), global_bs):
+            if len(order[i:i + global_bs]) < world_size:
+                # A last batch too small to give every rank a user: all ranks skip it (the same decision
+                # everywhere), since one rank skipping a step that the others take would hang their all-reduce.
+                break
             idx = order[i:i + global_bs][rank::world_size]  # this rank's slice of the global batch
-            if not len(idx):
-                continue
             batch = to_device(collator(train.rows[idx]), dev)
             loss = stepper.module(batch, batch_target(train, idx, dev))
             stepper.step(loss)
@@ -452,7 +484,7 @@ def save_finetuned(out_dir: str | Path, result: FinetuneResult, model: TaskModel
     from tokenizer.typed_config import to_dict
 
     doc = {**result.to_dict(), "finetune": to_dict(ft), "labels": td.source}
-    (out_dir / "result.json").write_text(json.dumps(doc, indent=2, default=str))
+    atomic_write(out_dir / "result.json", lambda p: Path(p).write_text(json.dumps(doc, indent=2, default=str)))
     split = result.split
     train = split.train[:ft.max_train_users] if ft.max_train_users else split.train
     idx = np.concatenate([train, split.val, split.test])  # users left out by max_train_users are not listed

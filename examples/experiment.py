@@ -111,7 +111,8 @@ def run_task(spec: TaskSpec, data, cfg: RunConfig, pre_dir: Path, work: Path, fo
     splits = kfold(len(td), folds, seed, cfg.finetune.val_fraction)
     vocab = VocabSpec.from_manifest(data.manifest)
     cache = work / "cache" / spec.name
-    cache.mkdir(parents=True, exist_ok=True)
+    _check_cache(cache / "settings.json", {"finetune": cfg.finetune, "model": cfg.model, "folds": folds,
+                                           "seed": seed, "k": k, "labelled": len(td)})
     width = k if td.task == "next" else td.n_outputs
     oof = {m: np.zeros((len(td), width), np.float64 if td.task != "next" else np.int64) for m in models}
     histories: dict[str, list[list[dict]]] = {m: [] for m in models if m in ("pretrained", "scratch", "frozen")}
@@ -164,6 +165,23 @@ def run_task(spec: TaskSpec, data, cfg: RunConfig, pre_dir: Path, work: Path, fo
                                        if a in models and b in models])
     return {"spec": spec, "td": td, "report": report, "histories": histories, "fold_metrics": fold_metrics,
             "sizes": {"labelled": len(td), "folds": folds, **splits[0].sizes()}}
+
+
+def _check_cache(path: Path, settings: dict) -> None:
+    """Cached fold results are only reused under the settings that made them (another --set: another --work)."""
+    from tokenizer.typed_config import to_dict
+
+    doc = json.loads(json.dumps({k: to_dict(v) if hasattr(v, "__dataclass_fields__") else v
+                                 for k, v in settings.items()}, default=str))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != doc:
+            diff = sorted(k for k in set(old) | set(doc) if old.get(k) != doc.get(k))
+            raise SystemExit(f"{path.parent}: cached fold results were made with other settings ({', '.join(diff)} "
+                             "differ); pass another --work, or delete that directory to recompute")
+    else:
+        path.write_text(json.dumps(doc, indent=2))
 
 
 def _ft_for(cfg: RunConfig, model: str, seed: int):
@@ -222,6 +240,51 @@ def plot(result: dict, dataset: str, path: Path) -> None:
     plt.close(fig)
 
 
+def validation_scores(histories: dict[str, list[list[dict]]], metric: str) -> dict[str, float]:
+    """Per fine-tuned model: the best validation ``metric`` over epochs (the chosen epoch's), mean over folds."""
+    out = {}
+    for name, hists in histories.items():
+        best = [max(h[f"val.{metric}"] for h in hist) for hist in hists if hist and f"val.{metric}" in hist[0]]
+        if best:
+            out[name] = float(np.mean(best))
+    return out
+
+
+MODEL_ORDER = ("pretrained", "scratch", "frozen", "popular", "history", "logreg")
+
+
+def plot_bars(results: list[dict], dataset: str, path: Path) -> None:
+    """One panel per task: the primary metric of every model with its 95% bootstrap interval as whiskers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.8), dpi=110, squeeze=False)
+    for ax, r in zip(axes[0], results):
+        spec, report = r["spec"], r["report"]
+        metric = PRIMARY_METRIC[spec.task]
+        names = [m for m in MODEL_ORDER if m in report.metrics]
+        iv = [report.metrics[m][metric] for m in names]
+        vals = np.array([i.value for i in iv])
+        err = np.array([[i.value - i.low for i in iv], [i.high - i.value for i in iv]])
+        ax.bar(range(len(names)), vals, yerr=err, capsize=4, color=[f"C{MODEL_ORDER.index(m)}" for m in names])
+        ax.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
+        ax.set_ylabel(metric)
+        if metric == "auc":
+            ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
+            ax.set_ylim(0.3, 1.0)
+        low = ax.get_ylim()[0]
+        for x, v in enumerate(vals):
+            ax.text(x, (low + v) / 2, f"{v:.3f}", ha="center", va="center", fontsize=7, color="white", rotation=90)
+        ax.set_title(f"{spec.name} ({r['sizes']['labelled']} users)", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{dataset}: out-of-fold test metric, 95% bootstrap intervals", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def write(results: list[dict], dataset: str, out: Path, meta: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"## {dataset}", "", meta["description"], "",
@@ -246,15 +309,29 @@ def write(results: list[dict], dataset: str, out: Path, meta: dict) -> None:
             lines.append(f"\n{primary} relative to most-popular: {lifts}.\n")
         folds = {m: [round(x[primary], 4) for x in v] for m, v in r["fold_metrics"].items()}
         lines.append(f"\nPer-fold test {primary}: " + "; ".join(f"{m} {v}" for m, v in folds.items()) + "\n")
+        val = validation_scores(r["histories"], primary)
+        if val:
+            # What recipe choices may look at: the validation users' metric at the chosen epoch, never test.
+            lines.append(f"\nValidation {primary} at the chosen epoch (mean over folds; recipe choices are made on "
+                         "these, not on the test numbers above): "
+                         + "; ".join(f"{m} {v:.4f}" for m, v in val.items()) + "\n")
         png = out / f"{dataset}_{spec.name}.png"
         plot(r, dataset, png)
         lines.append(f"\n![{spec.name}]({png.name})\n")
         doc["tasks"][spec.name] = {"task": spec.task, "what": spec.what, "sizes": r["sizes"],
                                    "report": report.to_dict(), "fold_metrics": r["fold_metrics"],
+                                   "validation": validation_scores(r["histories"], primary),
                                    "curves": {m: [list(map(float, c)) for c in mean_curve(h, f"test.{primary}")]
                                               for m, h in r["histories"].items()}}
-    (out / f"{dataset}.md").write_text("\n".join(lines) + "\n")
-    (out / f"{dataset}.json").write_text(json.dumps(doc, indent=2, default=str))
+    bars = out / f"{dataset}_bars.png"
+    plot_bars(results, dataset, bars)
+    lines.append(f"\n![bars]({bars.name})\n")
+    lines.append(f"Reproduce: `{meta['command']}` ({meta['machine']}; fold results are cached under --work).\n")
+    from engine.checkpoint import atomic_write
+
+    text, blob = "\n".join(lines) + "\n", json.dumps(doc, indent=2, default=str)
+    atomic_write(out / f"{dataset}.md", lambda p: Path(p).write_text(text))
+    atomic_write(out / f"{dataset}.json", lambda p: Path(p).write_text(blob))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,7 +365,15 @@ def main(argv: list[str] | None = None) -> int:
         tasks = [t for t in tasks if t.name in wanted]
     run_dir = work / "pretrain"
     meta_path = run_dir / "experiment_pretrain.json"
-    if not meta_path.exists():
+    if meta_path.exists():
+        from tokenizer.typed_config import to_dict
+
+        saved = json.loads((run_dir / "config.json").read_text())
+        for part in ("model", "masking", "train"):
+            if saved[part] != json.loads(json.dumps(to_dict(getattr(cfg, part)), default=str)):
+                raise SystemExit(f"{run_dir}: pretrained with other [{part}] settings than this run's config; "
+                                 "pass another --work, or delete that directory to pretrain again")
+    else:
         from engine.pretrain import pretrain
 
         t = time.perf_counter()

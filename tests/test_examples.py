@@ -4,6 +4,8 @@ adapter (on a hand-written fixture in the ml-100k format; MovieLens itself may n
 import datetime as dt
 import importlib.util
 import json
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 def _module(path: Path):
     spec = importlib.util.spec_from_file_location(path.parent.name + "_convert", path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
@@ -141,3 +144,27 @@ def test_movielens_adapter_names_the_bad_line(tmp_path):
         ml.convert(tmp_path / "ml-100k", tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="u.data"):
         ml.convert(tmp_path / "nothing", tmp_path / "out2")
+
+
+def test_experiment_recipe_end_to_end_on_tiny_synthetic_data(tmp_path):
+    """examples/experiment.py: pretrain -> cross-validated fine-tuning and baselines -> table, curves, bars;
+    cached fold results are reused only under the settings that made them."""
+    exp = _module(EXAMPLES / "experiment.py")
+    tiny = ["model.hidden=16", "model.layers=1", "model.heads=2", "train.steps=4", "train.warmup_steps=1",
+            "train.log_every=1", "finetune.epochs=2", "finetune.patience=2", "finetune.batch_size=32"]
+    args = ["--dataset", "synthetic", "--users", "240", "--folds", "2", "--tasks", "is_parent", "--models",
+            "pretrained,scratch,popular,logreg", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
+    assert exp.main([*args, "--set", *tiny]) == 0
+    md = (tmp_path / "out" / "synthetic.md").read_text()
+    for model in ("pretrained", "scratch", "popular", "logreg"):
+        assert re.search(rf"\| {model} \| (\*\*)?[01]\.\d{{4}} \[[01]\.\d{{4}}, [01]\.\d{{4}}\]", md), model
+    assert "pretrained - scratch" in md and "Validation auc at the chosen epoch" in md
+    doc = json.loads((tmp_path / "out" / "synthetic.json").read_text())
+    report = doc["tasks"]["is_parent"]["report"]
+    iv = report["metrics"]["pretrained"]["auc"]
+    assert iv["low"] <= iv["value"] <= iv["high"] and report["metrics"]["popular"]["auc"]["value"] == 0.5
+    assert [len(v) for v in doc["tasks"]["is_parent"]["fold_metrics"].values()] == [2, 2, 2, 2]
+    for png in ("synthetic_is_parent.png", "synthetic_bars.png"):
+        assert (tmp_path / "out" / png).stat().st_size > 5000
+    with pytest.raises(SystemExit, match="other settings"):
+        exp.main([*args, "--set", *tiny, "finetune.lr=0.5"])
