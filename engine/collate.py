@@ -59,47 +59,54 @@ def _select_words(n_words: np.ndarray, select_prob: float, zero_prob: float, see
     return flags
 
 
+# ctz by de Bruijn multiplication: the index of the lowest set bit of a uint64 (x & -x) is
+# _CTZ[(lowest * _DEBRUIJN) >> 58].
+_DEBRUIJN = 0x03F79D71B4CB0A89
+_CTZ = np.zeros(64, dtype=np.int32)
+for _i in range(64):
+    _CTZ[((1 << _i) * _DEBRUIJN & 0xFFFFFFFFFFFFFFFF) >> 58] = _i
+
+
 @njit(cache=True, inline="always")
-def _word_labels(out_attr, r0, r1, k, label_ids, n, buf):
-    """Append the distinct nonzero values of column k in rows r0:r1 to ``row`` from ``n``, ascending.
-    Returns the new length."""
-    # Small ids (action type, hour, device, ...): a 64-bit set, read out in ascending order.
-    bits = np.uint64(0)
-    small = True
+def _word_labels(out_attr, r0, r1, label_ids, n_labels, bits, count, buf):
+    """Append the distinct nonzero values of every attribute k in rows r0:r1 to ``label_ids[k]``, ascending.
+
+    One pass over the word's rows (each row's K ids are contiguous).  Ids below 64 (action type, hour,
+    device, and the head of every Zipf-like vocabulary) go to a 64-bit set per attribute, read out lowest bit
+    first; larger ids are insertion-sorted into ``buf[k]`` (a word holds at most a few dozen actions).  Every
+    small id precedes every large one, so the two lists concatenate in order.
+    """
+    K = out_attr.shape[1]
+    for k in range(K):
+        bits[k] = 0
+        count[k] = 0
     for r in range(r0, r1):
-        v = out_attr[r, k]
-        if v >= 64:
-            small = False
-            break
-        bits |= np.uint64(1) << np.uint64(v)
-    if small:
-        v = 1  # bit 0 is padding, never a label
-        bits >>= np.uint64(1)
-        while bits:
-            if bits & np.uint64(1):
-                label_ids[k, n] = v
-                n += 1
-            bits >>= np.uint64(1)
-            v += 1
-        return n
-    # Otherwise insertion into a sorted buffer (words hold at most a few dozen actions), duplicates dropped.
-    c = 0
-    for r in range(r0, r1):
-        v = out_attr[r, k]
-        if v == 0:
-            continue
-        t = c
-        while t > 0 and buf[t - 1] > v:
-            t -= 1
-        if t > 0 and buf[t - 1] == v:
-            continue
-        for q in range(c, t, -1):
-            buf[q] = buf[q - 1]
-        buf[t] = v
-        c += 1
-    for i in range(c):
-        label_ids[k, n + i] = buf[i]
-    return n + c
+        for k in range(K):
+            v = out_attr[r, k]
+            if v < 64:
+                bits[k] |= np.uint64(1) << np.uint64(v)
+                continue
+            c = count[k]
+            t = c
+            while t > 0 and buf[k, t - 1] > v:
+                t -= 1
+            if t > 0 and buf[k, t - 1] == v:
+                continue
+            for q in range(c, t, -1):
+                buf[k, q] = buf[k, q - 1]
+            buf[k, t] = v
+            count[k] = c + 1
+    for k in range(K):
+        b = bits[k] & ~np.uint64(1)  # id 0 is padding, never a label
+        n = n_labels[k]
+        while b:
+            low = b & (~b + np.uint64(1))
+            label_ids[k, n] = _CTZ[(low * np.uint64(_DEBRUIJN)) >> np.uint64(58)]
+            n += 1
+            b ^= low
+        for i in range(count[k]):
+            label_ids[k, n + i] = buf[k, i]
+        n_labels[k] = n + count[k]
 
 
 @njit(cache=True)
@@ -142,7 +149,9 @@ def _collate_segment(users, user_word_offsets, word_pos, word_len, user_action_o
     label_off = np.zeros((K, M + 1), dtype=np.int32)
     label_ids = np.empty((K, max(cap, 1)), dtype=np.int32)
     n_labels = np.zeros(K, dtype=np.int64)
-    buf = np.empty(longest, dtype=np.int32)
+    buf = np.empty((K, longest), dtype=np.int32)
+    bits = np.zeros(K, dtype=np.uint64)
+    count = np.zeros(K, dtype=np.int64)
     w = 0
     a = 0
     m = 0
@@ -165,8 +174,8 @@ def _collate_segment(users, user_word_offsets, word_pos, word_len, user_action_o
                 zero[m] = f == SELECTED_ZERO
                 # Labels now, while the user's rows just copied are still in cache; masked words come in
                 # user order, so every attribute's CSR is appended in order.
+                _word_labels(out_attr, out_off[w], out_off[w + 1], label_ids, n_labels, bits, count, buf)
                 for k in range(K):
-                    n_labels[k] = _word_labels(out_attr, out_off[w], out_off[w + 1], k, label_ids, n_labels[k], buf)
                     label_off[k, m + 1] = n_labels[k]
                 m += 1
             w += 1
