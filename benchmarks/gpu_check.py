@@ -505,6 +505,48 @@ def loader_rate(smoke: bool) -> dict:
             "target_users_per_s_per_core": 50_000, "cpus": os.cpu_count()}
 
 
+def check_packed_transport(device: torch.device) -> dict:
+    """What loader workers send (engine.batch.pack_batch): the buffer moved to ``device`` in one copy and
+    unpacked there must equal the Batch moved tensor by tensor, and the one copy is timed against the many."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_data
+
+    from engine.batch import PackedBatch, flat_tensors, pack_batch, unpack_batch
+    from engine.collate import Collator
+    from engine.config import VocabSpec
+    from engine.model import user_attr_offsets
+
+    data = bench_data.paper_length_data(64)
+    batch = Collator(data, user_attr_offsets(VocabSpec.from_manifest(data.manifest)))(np.arange(64), seed=1)
+    packed = pack_batch(batch)
+    pinned = PackedBatch(packed.buffer.pin_memory(), packed.spec) if device.type == "cuda" else packed
+
+    def one_copy():
+        return unpack_batch(PackedBatch(pinned.buffer.to(device, non_blocking=True), pinned.spec))
+
+    many = batch.pin_memory() if device.type == "cuda" else batch
+
+    def per_tensor():
+        return many.to(device, non_blocking=True)
+
+    a, b = flat_tensors(one_copy()), flat_tensors(per_tensor())
+    ok = len(a) == len(b) and all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a, b))
+    return {"ok": ok, "tensors": len(a), "bytes": int(packed.buffer.numel()),
+            "one_copy_ms": _time_ms(one_copy, device), "per_tensor_ms": _time_ms(per_tensor, device)}
+
+
+def _time_ms(fn, device: torch.device, reps: int = 20) -> float:
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / reps * 1e3
+
+
 # ------------------------------------------------------------------------------------------------
 # Main
 # ------------------------------------------------------------------------------------------------
@@ -659,6 +701,9 @@ def main(argv: list[str] | None = None) -> int:
         results["train_step"] = section("time train step", lambda: time_train_step(layout, user_vocabs, H, batch,
                                                                                    device, reps, warmup))
     results["loader"] = section("loader rate", lambda: loader_rate(smoke))
+    results["transport"] = section("packed batch transport", lambda: check_packed_transport(device))
+    if results["transport"] is not None and not results["transport"]["ok"]:
+        failed.append("transport: the unpacked batch differs from the batch moved tensor by tensor")
     results["checks_ok"] = not failed
     results["failed"] = failed
     results["seconds"] = time.perf_counter() - t_start
