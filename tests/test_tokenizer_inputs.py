@@ -15,7 +15,8 @@ import pytest
 from cli.main import main
 from tokenizer import reference, shards
 from tokenizer.io import InputError
-from tokenizer.pipeline import check_accounting, tokenize
+from tokenizer.manifest import check_accounting
+from tokenizer.pipeline import tokenize
 from tokenizer.schema import schema_from_dict
 from tokenizer.shards import open_tokenized
 

@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tokenizer import reference, shards
-from tokenizer.pipeline import check_accounting, tokenize
+from tokenizer.manifest import check_accounting
+from tokenizer.pipeline import tokenize
 from tokenizer.schema import schema_from_dict
 from tokenizer.shards import open_tokenized
 

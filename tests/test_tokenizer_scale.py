@@ -15,11 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from tokenizer import shards
+from tokenizer.manifest import check_accounting
 from tokenizer.merge import MergeError, merge_parts
-from tokenizer.pipeline import check_accounting, plan_units, tokenize
+from tokenizer.pipeline import tokenize
 from tokenizer.schema import load_schema, schema_from_dict
 from tokenizer.shards import open_tokenized
 from tokenizer.synthetic import generate
+from tokenizer.units import plan_units
 
 
 @pytest.fixture(autouse=True, scope="module")

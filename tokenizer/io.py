@@ -148,7 +148,7 @@ def iter_piece(
         if fmt == "parquet":
             pf = pq.ParquetFile(path, buffer_size=PARQUET_BUFFER)
             fields = {f.name: f.type for f in pf.schema_arrow}
-            as_dict = [c for c in dictionary_columns if c in fields and _stringy(fields[c])]
+            as_dict = [c for c in dictionary_columns if c in fields and is_stringy(fields[c])]
             if as_dict:
                 pf = pq.ParquetFile(path, read_dictionary=as_dict, buffer_size=PARQUET_BUFFER)
             stop = pf.metadata.num_row_groups if rg_stop < 0 else rg_stop
@@ -169,8 +169,17 @@ def iter_piece(
         raise InputError(f"{path}: cannot read as {fmt}: {e}") from None
 
 
-def _stringy(t: pa.DataType) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)
+def is_stringy(t: pa.DataType) -> bool:
+    """String or binary values, in any layout (large, view) and dictionary-encoded or not."""
+    t = t.value_type if pa.types.is_dictionary(t) else t
+    return (
+        pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+        or pa.types.is_string_view(t)
+        or pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+        or pa.types.is_binary_view(t)
+    )
 
 
 def _file_batches(path: Path, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:

@@ -19,7 +19,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tokenizer.pipeline import PARTS_DIR, check_accounting
+from tokenizer.manifest import check_accounting
+from tokenizer.pipeline import PARTS_DIR
 from tokenizer.shards import MANIFEST, SHARD_DIR, VOCAB_DIR, atomic_write_json, sha256_file
 
 _PART = re.compile(r"part-(\d{5})-of-(\d{5})\.json$")

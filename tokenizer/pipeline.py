@@ -23,7 +23,6 @@ import os
 import shutil
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ import numpy as np
 from tokenizer.coders import GlobalCodes, build_vocab, ids_for_vocab, merge_codes
 from tokenizer.hashing import hll_estimate
 from tokenizer.io import DEFAULT_BATCH_ROWS
+from tokenizer.manifest import build_manifest
 from tokenizer.memory import release_free_memory
 from tokenizer.partition import DuplicateFound, Lookups, Unit, WordsContext, process_unit, user_vocab_counts
 from tokenizer.plan import (
@@ -53,7 +53,6 @@ from tokenizer.plan import (
 from tokenizer.progress import Bar
 from tokenizer.reader import (
     REASONS,
-    USER_REASONS,
     BadRowError,
     JobRange,
     ReadOptions,
@@ -65,7 +64,8 @@ from tokenizer.reader import (
     save_result,
 )
 from tokenizer.schema import SchemaConfig
-from tokenizer.shards import FORMAT_VERSION, MANIFEST, SHARD_DIR, VOCAB_DIR, atomic_write_json, atomic_write_tables
+from tokenizer.shards import MANIFEST, SHARD_DIR, VOCAB_DIR, atomic_write_json, atomic_write_tables
+from tokenizer.units import plan_units
 from tokenizer.vocab import Vocab, vocab_file
 
 DEFAULT_MEMORY_LIMIT = 2 << 30
@@ -430,8 +430,8 @@ class _Run:
     # -- manifest ----------------------------------------------------------------------------------------------------
     def finish(self) -> dict[str, Any]:
         opts, out = self.opts, self.out
-        manifest = _manifest(self.plan, self.plan.schema, self.results, self.unit_results, self.vocabs,
-                             self.shard_bits, opts)
+        manifest = build_manifest(self.plan, self.plan.schema, self.results, self.unit_results, self.vocabs,
+                                  self.shard_bits, opts.shard_users)
         if opts.num_shards == 1:
             atomic_write_json(out / MANIFEST, manifest)
             keep = {Path(s["file"]).name for s in manifest["shards"]}
@@ -587,137 +587,3 @@ def _write_vocabs(plan: Plan, out: Path, vocabs: dict[int, list[Vocab]]) -> None
         items += [(vocab_file(out / VOCAB_DIR, USER, a.name), v.table())
                   for a, v in zip(plan.users.attrs, vocabs[len(plan.segments)])]
     atomic_write_tables(items)
-
-
-# -- units of the words pass ----------------------------------------------------------------------------------------
-def plan_units(
-    spills: list[tuple[Path, np.ndarray]], part_bits: int, shard_bits: int, own: tuple[int, int], budget: int,
-    n_codes: list[int],
-) -> list[Unit]:
-    """Units covering the shards ``own`` = [first, stop), each within ``budget`` bytes if it can be.
-
-    Partitions and shards are both ranges of the top bits of the user hash (P = 2**part_bits,
-    S = 2**shard_bits).  P >= S: a unit is a shard and reads P/S partitions.  P < S: a unit is
-    a partition and writes its S/P shards, or, when that is too much for the budget (or the
-    partition straddles another job's shards), a run of them, skipping the other rows.
-    """
-    n_parts = 1 << part_bits
-    n_shards = 1 << shard_bits
-    spill_bytes = np.zeros(n_parts, np.int64)
-    spill_rows = np.zeros(n_parts, np.int64)
-    width = np.array(n_codes + [0], np.int64)
-    for _, index in spills:
-        if len(index):
-            rows = index[index[:, 0] < len(n_codes)]  # events only: the user table is small
-            nbytes = rows[:, 3] * (8 + 4 * width[rows[:, 0]]) + rows[:, 4]
-            np.add.at(spill_bytes, rows[:, 1], nbytes)
-            np.add.at(spill_rows, rows[:, 1], rows[:, 3])
-    work_bytes = (spill_bytes * PHASE2_FACTOR + PHASE2_EXTRA * spill_rows).astype(np.int64)
-    units: list[Unit] = []
-    first, stop = own
-    if n_parts >= n_shards:
-        per = n_parts // n_shards
-        for s in range(first, stop):
-            units.append(Unit(len(units), (s * per, (s + 1) * per), (s, s + 1), False,
-                              int(work_bytes[s * per : (s + 1) * per].sum())))
-        return units
-    per = n_shards // n_parts
-    for p in range(n_parts):
-        lo, hi = max(first, p * per), min(stop, (p + 1) * per)
-        if lo >= hi:
-            continue
-        whole = lo == p * per and hi == (p + 1) * per
-        share = int(work_bytes[p]) * (hi - lo) // per
-        if whole and work_bytes[p] <= budget:
-            units.append(Unit(len(units), (p, p + 1), (lo, hi), False, int(work_bytes[p])))
-            continue
-        group = max(1, min(hi - lo, int(budget * per // max(1, int(work_bytes[p])))))
-        for g in range(lo, hi, group):
-            units.append(Unit(len(units), (p, p + 1), (g, min(hi, g + group)), True,
-                              share * (min(hi, g + group) - g) // max(1, hi - lo)))
-    return units
-
-
-# -- manifest ----------------------------------------------------------------------------------------------------------
-def _manifest(
-    plan: Plan, schema: SchemaConfig, results: list[dict[str, Any]], units: list[dict[str, Any]],
-    vocabs: dict[int, list[Vocab]], shard_bits: int, opts: Options,
-) -> dict[str, Any]:
-    seg_meta: dict[str, Any] = {}
-    counts: dict[str, Any] = {"users": sum(u["users"] for u in units)}
-    dropped: dict[str, dict[str, int]] = {}
-    events_read = 0
-    for seg in plan.segments:
-        name = seg.name
-        read = sum(r["streams"][seg.index]["rows"] for r in results)
-        events_read += read
-        d = {r: sum(res["streams"][seg.index]["dropped"].get(r, 0) for res in results) for r in REASONS}
-        d["duplicate"] = sum(u["segments"][name]["duplicates"] for u in units)
-        dropped[name] = d
-        c = {"events_read": read}
-        for key in ("events", "words", "actions", "words_truncated", "actions_capped", "actions_truncated"):
-            c[key] = sum(u["segments"][name][key] for u in units)
-        counts[name] = c
-        max_pos = max((u["max_pos"][name] for u in units), default=-1)
-        num_positions = schema.num_positions(seg.spec)
-        if max_pos >= num_positions:
-            # Only a window edge across a DST change can do this; keep the table large enough.
-            warnings.warn(f"segment {name}: position {max_pos} >= num_positions {num_positions}; "
-                          "num_positions raised to fit", stacklevel=3)
-            num_positions = max_pos + 1
-        seg_meta[name] = {
-            "attributes": [a.name for a in seg.attrs],
-            "vocab_sizes": [v.size for v in vocabs[seg.index]],
-            "dims": [a.dim for a in seg.spec.attributes],
-            "num_positions": num_positions,
-            "max_words": seg.spec.max_words,
-        }
-    unrouted = sum(n for r in results for n in r["unrouted"].values())
-    counts["events_read"] = events_read + unrouted
-    counts["events_unrouted"] = unrouted
-    user_vocabs: list[Vocab] = []
-    if plan.users is not None:
-        stream = len(plan.segments)
-        user_vocabs = vocabs[stream]
-        counts["user_rows_read"] = sum(r["streams"][stream]["rows"] for r in results)
-        counts["user_rows"] = sum(u["user_rows"] for u in units)
-        d = {r: sum(res["streams"][stream]["dropped"].get(r, 0) for res in results) for r in USER_REASONS}
-        d["duplicate_user"] = sum(u["duplicate_users"] for u in units)
-        dropped[USER] = d
-    shards = [s for u in units for s in u["shards"]]
-    shards.sort(key=lambda s: s["file"])
-    return {
-        "format_version": FORMAT_VERSION,
-        "schema": schema.to_dict(),
-        "segments": seg_meta,
-        "user_attributes": {
-            "names": [u.name for u in schema.user_attributes],
-            "vocab_sizes": [v.size for v in user_vocabs],
-        },
-        "counts": counts,
-        "dropped": dropped,
-        "sharding": {"hash": "fmix64", "shard_bits": shard_bits, "shard_users": opts.shard_users},
-        "shards": shards,
-    }
-
-
-def check_accounting(manifest: dict[str, Any]) -> list[str]:
-    """The identities that make sure nothing is silently lost; returns the ones that fail."""
-    c, d = manifest["counts"], manifest["dropped"]
-    bad = []
-    total = c.get("events_unrouted", 0)
-    for name in manifest["segments"]:
-        s = c[name]
-        total += s["events_read"]
-        if s["events_read"] != sum(d[name].values()) + s["events"]:
-            bad.append(f"{name}: events_read != dropped + events")
-        if s["events"] != s["actions"] + s["actions_capped"] + s["actions_truncated"]:
-            bad.append(f"{name}: events != actions + actions_capped + actions_truncated")
-    if total != c["events_read"]:
-        bad.append("events_read != sum of segments' events_read + events_unrouted")
-    if USER in d and c.get("user_rows_read", 0) != sum(d[USER].values()) + c.get("user_rows", 0):
-        bad.append("user_rows_read != dropped + user_rows")
-    if sum(s["users"] for s in manifest["shards"]) != c["users"]:
-        bad.append("users in shards != counts.users")
-    return bad
-

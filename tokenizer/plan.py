@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from tokenizer.io import InputError, check_columns, file_format, resolve_inputs
+from tokenizer.io import InputError, check_columns, file_format, is_stringy, resolve_inputs
 from tokenizer.schema import DERIVED_COLUMNS, SchemaConfig, SegmentSpec
 from tokenizer.timecols import LocalClock, check_time_type
 
@@ -137,22 +137,10 @@ def _base(t: pa.DataType) -> pa.DataType:
     return t.value_type if pa.types.is_dictionary(t) else t
 
 
-def _is_stringy(t: pa.DataType) -> bool:
-    t = _base(t)
-    return (
-        pa.types.is_string(t)
-        or pa.types.is_large_string(t)
-        or pa.types.is_string_view(t)
-        or pa.types.is_binary(t)
-        or pa.types.is_large_binary(t)
-        or pa.types.is_binary_view(t)
-    )
-
-
 def type_family(t: pa.DataType) -> str | None:
     """'str' | 'int' | 'float' | 'null' for the types an attribute may have, else None."""
     t = _base(t)
-    if _is_stringy(t):
+    if is_stringy(t):
         return KIND_STR
     if pa.types.is_integer(t) or pa.types.is_boolean(t):
         return KIND_INT
@@ -208,7 +196,7 @@ def _user_family(t: pa.DataType, where: str) -> str:
     base = _base(t)
     if pa.types.is_integer(base):
         return KIND_INT
-    if _is_stringy(base):
+    if is_stringy(base):
         return KIND_STR
     if pa.types.is_null(base):
         return "null"
