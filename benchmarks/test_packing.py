@@ -93,26 +93,54 @@ def test_padding_waste(benchmark, length_sets, dataset, B):
 
 
 def _encoder_inputs(lengths: np.ndarray, H: int, packed: bool, seed: int = 0):
-    """(x [R, C, H], additive mask [R, 1, C, C] or [R, 1, 1, C]) for these users."""
+    """(x [R, C, H], additive mask [R, 1, C, C] or [R, 1, 1, C], where: (row, first token) of every user).
+
+    Both layouts hold the same token vectors for the same seed, so they compute the same thing."""
     g = torch.Generator().manual_seed(seed)
+    tokens = [torch.randn(int(n), H, generator=g) for n in lengths]
     if not packed:
         T = int(lengths.max())
-        x = torch.randn(len(lengths), T, H, generator=g)
+        x = torch.zeros(len(lengths), T, H)
+        for u, t in enumerate(tokens):
+            x[u, :len(t)] = t
         real = torch.arange(T)[None, :] < torch.as_tensor(lengths)[:, None]
         bias = torch.zeros(len(lengths), 1, 1, T).masked_fill(~real[:, None, None, :], float("-inf"))
-        return x, bias
+        return x, bias, [(u, 0) for u in range(len(lengths))]
     C = int(lengths.max())
     rows = pack_rows(lengths, C)
+    x = torch.zeros(len(rows), C, H)
     seg = torch.full((len(rows), C), -1, dtype=torch.long)  # user id of each token, -1 = padding
+    where = [(0, 0)] * len(lengths)
     for r, users in enumerate(rows):
         t = 0
         for u in users:
-            seg[r, t:t + int(lengths[u])] = u
-            t += int(lengths[u])
-    x = torch.randn(len(rows), C, H, generator=g)
+            n = int(lengths[u])
+            x[r, t:t + n], seg[r, t:t + n], where[u] = tokens[u], u, (r, t)
+            t += n
     same = seg[:, :, None] == seg[:, None, :]  # [R, C, C] block diagonal (padding attends to padding)
     bias = torch.zeros(len(rows), 1, C, C).masked_fill(~same[:, None], float("-inf"))
-    return x, bias
+    return x, bias, where
+
+
+def test_packed_and_padded_layouts_give_the_same_outputs():
+    """The two layouts timed below compute the same thing: every user's encoder outputs agree."""
+    from engine.config import ModelConfig
+    from engine.encoder import Encoder
+
+    lengths = np.random.default_rng(1).integers(1, 40, 23)
+    cfg = ModelConfig(hidden=32, layers=2, heads=4, dropout=0.0, attn_dropout=0.0)
+    torch.manual_seed(0)
+    enc = Encoder(cfg)
+    outs = []
+    for packed in (False, True):
+        x, bias, where = _encoder_inputs(lengths, cfg.hidden, packed, seed=5)
+        y = x
+        for block in enc.blocks:
+            y = block(y, bias)
+        outs.append([y[r, t:t + int(n)] for (r, t), n in zip(where, lengths)])
+    assert len(pack_rows(lengths, int(lengths.max()))) < len(lengths)  # some rows really hold several users
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["grouped_padded", "packed_block_diagonal"])
@@ -130,7 +158,7 @@ def test_encoder_layout(benchmark, length_sets, bench_full, layout):
     inputs = [_encoder_inputs(lengths[b], cfg.hidden, layout.startswith("packed")) for b in plan]
 
     def run():
-        for x, bias in inputs:
+        for x, bias, _ in inputs:
             y = x
             for block in enc.blocks:
                 y = block(y, bias)
@@ -138,7 +166,7 @@ def test_encoder_layout(benchmark, length_sets, bench_full, layout):
 
     run()
     benchmark.pedantic(run, rounds=3 if bench_full else 1, iterations=1)
-    grid = sum(x.shape[0] * x.shape[1] for x, _ in inputs)
+    grid = sum(x.shape[0] * x.shape[1] for x, _, _ in inputs)
     info = {"layout": layout, "B": B, "batches": len(plan), "grid_tokens": grid,
             "real_tokens": int(sum(lengths[b].sum() for b in plan)), "loadavg": os.getloadavg()[0]}
     if benchmark.stats is not None:
