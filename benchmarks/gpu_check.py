@@ -494,10 +494,10 @@ def loader_rate(smoke: bool) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        collator(plan[0], 0)
+        collator.packed(plan[0], 0)  # a loader worker's whole work per batch: the buffer it sends
         t = time.perf_counter()
         for i, users in enumerate(plan):
-            collator(users, i)
+            collator.packed(users, i)
         sec = time.perf_counter() - t
     finally:
         torch.set_num_threads(threads)
@@ -506,19 +506,19 @@ def loader_rate(smoke: bool) -> dict:
 
 
 def check_packed_transport(device: torch.device) -> dict:
-    """What loader workers send (engine.batch.pack_batch): the buffer moved to ``device`` in one copy and
+    """What loader workers send (Collator.packed): the buffer moved to ``device`` in one copy and
     unpacked there must equal the Batch moved tensor by tensor, and the one copy is timed against the many."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import bench_data
 
-    from engine.batch import PackedBatch, flat_tensors, pack_batch, unpack_batch
+    from engine.batch import PackedBatch, flat_tensors, unpack_batch
     from engine.collate import Collator
     from engine.config import VocabSpec
     from engine.model import user_attr_offsets
 
     data = bench_data.paper_length_data(64)
-    batch = Collator(data, user_attr_offsets(VocabSpec.from_manifest(data.manifest)))(np.arange(64), seed=1)
-    packed = pack_batch(batch)
+    packed = Collator(data, user_attr_offsets(VocabSpec.from_manifest(data.manifest))).packed(np.arange(64), seed=1)
+    batch = unpack_batch(packed)
     pinned = PackedBatch(packed.buffer.pin_memory(), packed.spec) if device.type == "cuda" else packed
 
     def one_copy():

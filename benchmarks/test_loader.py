@@ -2,10 +2,13 @@
 
     pytest benchmarks/test_loader.py --benchmark-only
 
-- ``test_collate_one_core``: :class:`engine.collate.Collator` on random batches of 256 users, one torch
-  thread, on two length distributions: ``synth`` (the synthetic generator's heavy-tailed histories) and
-  ``paper_max`` (every user at the paper's cap of 128 long-term + 128 short-term words, 2.5 / 6 actions
-  per word: the most work per user collate can get).  Target (issue 7): >= 50,000 users/s per core.
+- ``test_collate_one_core``: random batches of 256 users, one thread, on two length distributions:
+  ``synth`` (the synthetic generator's heavy-tailed histories) and ``paper_max`` (every user at the
+  paper's cap of 128 long-term + 128 short-term words, 2.5 / 6 actions per word: the most work per
+  user collate can get).  Three ways: ``packed`` (:meth:`engine.collate.Collator.packed`, the whole of
+  a loader worker's work per batch: the buffer it sends), ``batch`` (the same as a Batch of views, the
+  in-process path) and ``numpy`` (the baseline: the same batch from vectorised NumPy,
+  benchmarks/baselines_collate.py).  Target (issue 7): >= 50,000 users/s per core.
 - ``test_loader_workers``: :class:`engine.data.TrainLoader` with 2 worker processes over a
   length-grouped plan, as the trainer runs it on a GPU host (users/s delivered to the training loop, in
   steady state: after the workers have started). Workers send one packed buffer per batch.
@@ -21,6 +24,8 @@ import bench_data
 import numpy as np
 import pytest
 import torch
+
+from engine.batch import flat_tensors, unpack_batch
 
 
 def _collator(data):
@@ -39,22 +44,27 @@ def datasets(synth_tok, bench_full):
             "paper_max": bench_data.paper_length_data(4096 if bench_full else 64)}
 
 
+@pytest.mark.parametrize("impl", ["packed", "batch", "numpy"])
 @pytest.mark.parametrize("dataset", ["synth", "paper_max"])
-def test_collate_one_core(benchmark, datasets, bench_full, dataset):
+def test_collate_one_core(benchmark, datasets, bench_full, dataset, impl):
+    from baselines_collate import numpy_collate
+
     data = datasets[dataset]
     collator = _collator(data)
+    collate = {"packed": collator.packed, "batch": collator,
+               "numpy": lambda users, seed: numpy_collate(data, collator.user_attr_offsets, users, seed)}[impl]
     B = 256 if bench_full else 16
     rng = np.random.default_rng(0)
     plan = [rng.choice(data.num_users, B, replace=False) for _ in range(40 if bench_full else 2)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        collator(plan[0], 0)  # Numba: load the compiled functions outside the measurement
+        collate(plan[0], 0)  # Numba: load the compiled functions outside the measurement
         out = {}
 
         def run():
             for i, users in enumerate(plan):
-                b = collator(users, i)
+                b = collate(users, i)
             out["batch"] = b
 
         benchmark.pedantic(run, rounds=5 if bench_full else 1, iterations=1)
@@ -63,13 +73,40 @@ def test_collate_one_core(benchmark, datasets, bench_full, dataset):
     words = sum(int(np.diff(s.user_word_offsets)[u].sum()) for s in data.segments for u in plan)
     actions = sum(int((s.user_action_offsets[u + 1] - s.user_action_offsets[u]).sum())
                   for s in data.segments for u in plan)
-    info = {"dataset": dataset, "users_per_batch": B, "batches": len(plan), "words": words, "actions": actions,
-            "loadavg": os.getloadavg()[0]}
+    info = {"dataset": dataset, "impl": impl, "users_per_batch": B, "batches": len(plan), "words": words,
+            "actions": actions, "loadavg": os.getloadavg()[0]}
     if benchmark.stats is not None:
         sec = benchmark.stats.stats.median
         info.update(users_per_s=B * len(plan) / sec, words_per_s=words / sec, actions_per_s=actions / sec)
     benchmark.extra_info.update(info)
-    assert out["batch"].batch_size == B
+    batch = unpack_batch(out["batch"]) if impl == "packed" else out["batch"]
+    assert batch.batch_size == B
+
+
+def test_numpy_baseline_builds_the_same_batch(datasets):
+    """The baseline does our work: same layout, and with every word selected (masks then agree) the same
+    label sets per masked word."""
+    from baselines_collate import numpy_collate
+
+    from engine.collate import CollateConfig, Collator
+
+    data = datasets["synth"]
+    ours = Collator(data, _collator(data).user_attr_offsets, CollateConfig(select_prob=1.0))
+    users = np.random.default_rng(1).choice(data.num_users, 24, replace=False)
+    a = ours(users, 3)
+    b = numpy_collate(data, ours.user_attr_offsets, users, 3, select_prob=1.0)
+    assert a.max_len == b.max_len
+    for x, y in zip(flat_tensors(a)[:3], flat_tensors(b)[:3], strict=True):
+        assert torch.equal(x, y)
+    for sa, sb in zip(a.segments, b.segments, strict=True):
+        for name in ("attr_ids", "word_offsets", "word_pos", "word_slot", "masked"):
+            assert torch.equal(getattr(sa, name), getattr(sb, name)), name
+        assert len(sa.masked) == sa.n_words > 0
+        for k in range(len(sa.label_ids)):
+            assert torch.equal(sa.label_offsets[k], sb.label_offsets[k])
+            lo = sa.label_offsets[k].tolist()
+            for m in range(len(lo) - 1):
+                assert sorted(sa.label_ids[k][lo[m]:lo[m + 1]].tolist()) == sb.label_ids[k][lo[m]:lo[m + 1]].tolist()
 
 
 @pytest.mark.parametrize("dataset", ["synth", "paper_max"])

@@ -100,20 +100,36 @@ def flat_tensors(batch: Batch) -> list[torch.Tensor]:
     return out
 
 
+class BufferLayout:
+    """Places arrays in one buffer: each at the next cache-line boundary, recorded as (dtype, shape, offset)."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[torch.dtype, tuple[int, ...], int]] = []
+        self.nbytes = 0
+
+    def add(self, dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+        """Reserve room for one array; returns its byte offset."""
+        offset = self.nbytes
+        n = dtype.itemsize
+        for d in shape:
+            n *= d
+        self.entries.append((dtype, tuple(shape), offset))
+        self.nbytes += -(-n // _ALIGN) * _ALIGN
+        return offset
+
+
 def pack_batch(batch: Batch) -> PackedBatch:
     """Copy every tensor of ``batch`` (on CPU) into one aligned uint8 buffer."""
     tensors = flat_tensors(batch)
-    entries, offset = [], 0
-    for t in tensors:
-        entries.append((t.dtype, tuple(t.shape), offset))
-        offset += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
-    buffer = torch.empty(max(offset, 1), dtype=torch.uint8)
-    for t, (_, _, o) in zip(tensors, entries, strict=True):
+    layout = BufferLayout()
+    offsets = [layout.add(t.dtype, tuple(t.shape)) for t in tensors]
+    buffer = torch.empty(max(layout.nbytes, 1), dtype=torch.uint8)
+    for t, o in zip(tensors, offsets, strict=True):
         n = t.numel() * t.element_size()
         if n:
             buffer[o:o + n] = t.contiguous().view(-1).view(torch.uint8)
-    layout = tuple(len(s.label_ids) for s in batch.segments)
-    return PackedBatch(buffer, (layout, batch.max_len, tuple(entries)))
+    segments = tuple(len(s.label_ids) for s in batch.segments)
+    return PackedBatch(buffer, (segments, batch.max_len, tuple(layout.entries)))
 
 
 def unpack_batch(packed: PackedBatch) -> Batch:

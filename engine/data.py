@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from engine.batch import Batch, PackedBatch, pack_batch, unpack_batch
+from engine.batch import Batch, PackedBatch, unpack_batch
 from engine.collate import Collator
 
 _MIX = 1_000_003
@@ -176,7 +176,7 @@ class TrainBatches(Dataset):
         if self.per_epoch == 0:
             raise ValueError(f"{len(self.rows)} users cannot fill one global batch of {layout.global_batch}")
         self._epoch, self._batches = -1, []
-        self.packed = False  # worker processes send one buffer per batch (engine.batch.pack_batch)
+        self.packed = False  # worker processes send one buffer per batch (Collator.packed)
 
     def __len__(self) -> int:
         return max(0, self.end_step - self.start_step) * self.layout.accumulation
@@ -201,8 +201,7 @@ class TrainBatches(Dataset):
 
     def __getitem__(self, k: int) -> Batch | PackedBatch:
         users, seed = self.users(k)
-        batch = self.collator(users, seed)
-        return pack_batch(batch) if self.packed else batch
+        return self.collator.packed(users, seed) if self.packed else self.collator(users, seed)
 
 
 def _loader_worker_init(_: int) -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.batch import flat_tensors, pack_batch, unpack_batch
-from engine.collate import CollateConfig, Collator
+from engine.collate import STAMP_MAX_VOCAB, CollateConfig, Collator
 
 
 @dataclass
@@ -25,13 +25,16 @@ class FakeSegment:
 class FakeData:
     segments: list
     user_attr_ids: np.ndarray
+    manifest: dict
 
     @property
     def num_users(self):
         return self.user_attr_ids.shape[0]
 
 
-def random_data(seed: int, n_users: int = 40, K=(3, 2), U: int = 2, max_words: int = 30) -> FakeData:
+def random_data(seed: int, n_users: int = 40, K=(3, 2), U: int = 2, max_words: int = 30,
+                vocab_size: int = 7) -> FakeData:
+    """Ids in 0..6 (duplicates and zeros in most words); ``vocab_size`` is what the manifest declares."""
     rng = np.random.default_rng(seed)
     segs = []
     for s, k in enumerate(K):
@@ -45,7 +48,8 @@ def random_data(seed: int, n_users: int = 40, K=(3, 2), U: int = 2, max_words: i
         uao = np.concatenate([[0], np.cumsum(acts_per_user)]).astype(np.int64)
         attr = rng.integers(0, 7, (uao[-1], k)).astype(np.int32)  # small vocab: duplicates and zeros
         segs.append(FakeSegment(f"s{s}", [f"a{i}" for i in range(k)], uwo, word_pos, word_len, uao, attr))
-    return FakeData(segs, rng.integers(1, 4, (n_users, U)).astype(np.int32))
+    manifest = {"segments": {seg.name: {"vocab_sizes": [vocab_size] * len(seg.attributes)} for seg in segs}}
+    return FakeData(segs, rng.integers(1, 4, (n_users, U)).astype(np.int32), manifest)
 
 
 def test_layout_matches_the_source_arrays():
@@ -81,8 +85,10 @@ def test_layout_matches_the_source_arrays():
     assert (cols < batch.seq_lens.numpy()[rows]).all() and (cols >= 1 + U).all()
 
 
-def test_labels_are_distinct_nonzero_values_of_each_masked_word():
-    data = random_data(1)
+# Both ways of finding distinct values: the stamp table (vocabularies up to STAMP_MAX_VOCAB) and the scan.
+@pytest.mark.parametrize("vocab_size", [7, STAMP_MAX_VOCAB + 1])
+def test_labels_are_distinct_nonzero_values_of_each_masked_word(vocab_size):
+    data = random_data(1, vocab_size=vocab_size)
     batch = Collator(data, [0, 10])(np.arange(40), seed=11)
     checked = 0
     for sb in batch.segments:
@@ -90,12 +96,25 @@ def test_labels_are_distinct_nonzero_values_of_each_masked_word():
         attr = sb.attr_ids.numpy()
         for k in range(attr.shape[1]):
             lo, li = sb.label_offsets[k].numpy(), sb.label_ids[k].numpy()
-            assert len(lo) == len(sb.masked) + 1
+            assert len(lo) == len(sb.masked) + 1 and lo[0] == 0 and lo[-1] == len(li)
             for m, w in enumerate(sb.masked.numpy()):
-                expected = sorted(set(attr[offs[w]:offs[w + 1], k].tolist()) - {0})
+                # each nonzero value once, in order of first occurrence
+                expected = list(dict.fromkeys(v for v in attr[offs[w]:offs[w + 1], k].tolist() if v != 0))
                 assert li[lo[m]:lo[m + 1]].tolist() == expected
                 checked += 1
     assert checked > 100
+
+
+def test_labels_ignore_ids_repeated_across_words():
+    # A stamp left by an earlier word (same id, another masked word, another segment) must not hide it.
+    data = random_data(5, n_users=30)
+    for seg in data.segments:
+        seg.attr_ids[:] = 3
+    batch = Collator(data, [0, 10], CollateConfig(select_prob=0.5))(np.arange(30), seed=2)
+    for sb in batch.segments:
+        for k in range(sb.attr_ids.shape[1]):
+            assert sb.label_ids[k].tolist() == [3] * len(sb.masked)
+            assert sb.label_offsets[k].tolist() == list(range(len(sb.masked) + 1))
 
 
 def test_masking_counts_and_rates():
@@ -175,3 +194,20 @@ def test_packed_batch_round_trips_every_tensor(seed, select_prob):
     for x, y in zip(a, b):
         assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
         assert y.numel() == 0 or y.untyped_storage().data_ptr() == packed.buffer.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("select_prob", [0.15, 0.0])
+def test_collator_writes_the_packed_layout_directly(select_prob):
+    # What a worker sends (Collator.packed) holds the same tensors as packing the Batch afterwards, with
+    # every label list moved up against the previous one (no scratch space left in the sent bytes).
+    data = random_data(6, K=(2, 3, 1))
+    users = np.random.default_rng(6).choice(data.num_users, 17, replace=False)
+    collator = Collator(data, [0, 10], CollateConfig(select_prob=select_prob))
+    packed = collator.packed(users, seed=4)
+    direct = unpack_batch(packed)
+    repacked = unpack_batch(pack_batch(direct))
+    assert direct.max_len == repacked.max_len
+    for x, y in zip(flat_tensors(direct), flat_tensors(repacked), strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+    dtype, shape, offset = packed.spec[2][-1]  # the last label list ends the buffer
+    assert packed.buffer.numel() == offset + int(np.prod(shape)) * dtype.itemsize
