@@ -494,7 +494,7 @@ def loader_rate(smoke: bool) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        collator.packed(plan[0], 0)  # a loader worker's whole work per batch: the buffer it sends
+        collator.packed(plan[0], 0)  # a loader thread's whole work per batch: the buffer it hands over
         t = time.perf_counter()
         for i, users in enumerate(plan):
             collator.packed(users, i)
@@ -506,7 +506,7 @@ def loader_rate(smoke: bool) -> dict:
 
 
 def check_packed_transport(device: torch.device) -> dict:
-    """What loader workers send (Collator.packed): the buffer moved to ``device`` in one copy and
+    """What a loader thread hands over (Collator.packed): the buffer moved to ``device`` in one copy and
     unpacked there must equal the Batch moved tensor by tensor, and the one copy is timed against the many."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import bench_data

@@ -1,4 +1,4 @@
-"""The loader: collate (Numba: gather, masking, label CSR) in one process, and through worker processes.
+"""The loader: collate (Numba: gather, masking, label CSR) on one core, and through loader threads.
 
     pytest benchmarks/test_loader.py --benchmark-only
 
@@ -6,12 +6,12 @@
   ``synth`` (the synthetic generator's heavy-tailed histories) and ``paper_max`` (every user at the
   paper's cap of 128 long-term + 128 short-term words, 2.5 / 6 actions per word: the most work per
   user collate can get).  Three ways: ``packed`` (:meth:`engine.collate.Collator.packed`, the whole of
-  a loader worker's work per batch: the buffer it sends), ``batch`` (the same as a Batch of views, the
-  in-process path) and ``numpy`` (the baseline: the same batch from vectorised NumPy,
+  a loader thread's work per batch: the buffer it hands over), ``batch`` (the same as a Batch of views:
+  what the trainer iterates on a CPU) and ``numpy`` (the baseline: the same batch from vectorised NumPy,
   benchmarks/baselines_collate.py).  Target (issue 7): >= 50,000 users/s per core.
-- ``test_loader_workers``: :class:`engine.data.TrainLoader` with 2 worker processes over a
-  length-grouped plan, as the trainer runs it on a GPU host (users/s delivered to the training loop, in
-  steady state: after the workers have started). Workers send one packed buffer per batch.
+- ``test_loader_workers``: :class:`engine.data.TrainLoader` with 2 collate threads over a
+  length-grouped plan, as the trainer runs it on a GPU host (users/s delivered to the training loop as
+  Batches, in steady state: after the first batches are out).
 
 extra_info: users/s (per core for the one-process case), actions/s, words/s.
 """

@@ -13,7 +13,7 @@ optimizer step, B = 256; the same masking; AdamW lr 1e-4 and clipping at 1.0 for
   do not fit in memory comfortably, so it runs the step as micro-batches of 32 users with gradient
   accumulation (what its user would do); the optimizer still steps once per 256 users.
 
-Batches are collated before timing (the loader's work runs in worker processes; its rate is measured in
+Batches are collated before timing (the loader's work runs in loader threads; its rate is measured in
 test_loader.py).  Each round runs N steps over pre-built batches; users/s = N * B / median round time.
 extra_info: users/s, real tokens/s, grid tokens/s, padding share of the grid.
 Under ``--benchmark-disable`` (CI) each provider runs one step of 16 users on a small data set.

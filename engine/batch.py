@@ -74,10 +74,9 @@ class Batch:
 
 
 # -- transport: one buffer per batch ---------------------------------------------------------------
-# A Batch is ~10 + 6·S tensors.  DataLoader worker processes send every tensor through its own
-# shared-memory file (an fd, an mmap and a pickle each), which costs more than collating a batch of
-# short users.  Workers therefore send one flat byte buffer and a small spec; the training process
-# rebuilds the tensors as views of it (no copy), and pinning is one call instead of dozens.
+# A Batch is ~10 + 6·S tensors.  Collate writes them all into one flat byte buffer plus a small spec
+# (Collator.packed; pack_batch does the same for any Batch): pinning is one call instead of dozens, a
+# GPU gets the batch in one host-to-device copy, and the tensors are views of the buffer (no copy).
 
 _ALIGN = 64  # every array starts on a cache line; also satisfies any dtype's alignment for .view()
 

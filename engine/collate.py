@@ -2,15 +2,15 @@
 
 The inputs are the tokenized arrays of :class:`tokenizer.shards.TokenizedData` (CSR, no padding);
 the output is a :class:`engine.batch.PackedBatch`: every tensor of the batch (FORMATS.md §5) written
-straight into one aligned buffer, which loader workers send as is and the trainer reads as views
+straight into one aligned buffer, which the trainer reads as views (on a GPU after one copy)
 (:meth:`Collator.__call__` returns those views as a :class:`engine.batch.Batch`).  Every loop that
 touches words or actions is an ``@njit`` function: collate runs once per step for every user in the
 batch and must never be what a GPU waits for.
 
-Three passes, each over the batch's users only: :func:`_plan` (sequence lengths, grid slots, and the
-masked words), :func:`_segment_sizes` (how large each array is, to lay the buffer out), and
-:func:`_fill_segment` per segment (copy the user's rows, then the labels of its masked words while
-those rows are still in cache, and hint the next user's rows into cache).
+Two passes, each over the batch's users only: :func:`_plan` (sequence lengths, grid slots, the
+masked words, and how large each array is, to lay the buffer out), then :func:`_fill_segment` per
+segment (copy the user's rows, then the labels of its masked words while those rows are still in
+cache, and hint the next user's rows into cache).
 
 Masking (FORMATS.md §5): per user, ``n_mask = max(1, floor(select_prob * n + 0.5))`` of the user's
 n behaviour words (both segments together) are drawn uniformly without replacement (Floyd's
@@ -52,14 +52,16 @@ def _splitmix64(state):
     return state, z ^ (z >> np.uint64(31))
 
 
-@njit(cache=True)
-def _plan(users, user_word_offsets, n_user_attr, select_prob, zero_prob, seed):
-    """Sequence lengths, grid layout and mask flags of a batch.
+@njit(cache=True, nogil=True)
+def _plan(users, user_word_offsets, user_action_offsets, n_user_attr, select_prob, zero_prob, seed):
+    """Sequence lengths, grid layout, mask flags and array sizes of a batch.
 
-    users: int64 [B] dataset rows; user_word_offsets: tuple of S int64 [N+1] (one per segment).
+    users: int64 [B] dataset rows; user_word_offsets, user_action_offsets: tuples of S int64 [N+1] (one
+    per segment).
     Returns seq_lens int32 [B], T (the grid's padded length), flags int8 [sum of words] (user-major,
-    then segment, then word), flag_start int64 [B, S] (where user b's flags of segment s begin) and
-    slot_start int64 [B, S] (flat grid index of user b's first word of segment s).
+    then segment, then word), flag_start int64 [B, S] (where user b's flags of segment s begin),
+    slot_start int64 [B, S] (flat grid index of user b's first word of segment s) and sizes int64 [S, 3]:
+    per segment (actions, words, masked words).
     """
     B = users.shape[0]
     S = len(user_word_offsets)
@@ -87,6 +89,13 @@ def _plan(users, user_word_offsets, n_user_attr, select_prob, zero_prob, seed):
         for s in range(S):
             slot_start[b, s] = slot
             slot += n_words[b, s]
+    sizes = np.zeros((S, 3), dtype=np.int64)
+    s = 0
+    for actions in user_action_offsets:
+        for b in range(B):
+            sizes[s, 0] += actions[users[b] + 1] - actions[users[b]]
+            sizes[s, 1] += n_words[b, s]
+        s += 1
     flags = np.zeros(total, dtype=np.int8)
     if select_prob > 0.0:
         state = np.uint64(seed) * np.uint64(0xD1B54A32D192ED03)
@@ -102,51 +111,65 @@ def _plan(users, user_word_offsets, n_user_attr, select_prob, zero_prob, seed):
             # 32 bits of a draw pick the word (multiply-shift), the low 32 decide zero or keep.
             for j in range(n - k, n):
                 state, r = _splitmix64(state)
-                t = start + np.int64(((r >> np.uint64(32)) * np.uint64(j + 1)) >> np.uint64(32))
-                if flags[t] != NOT_SELECTED:
-                    t = start + j
-                flags[t] = SELECTED_ZERO if (r & low32) < zero_below else SELECTED_KEEP
-    return seq_lens, T, flags, flag_start, slot_start
+                t = np.int64(((r >> np.uint64(32)) * np.uint64(j + 1)) >> np.uint64(32))
+                if flags[start + t] != NOT_SELECTED:
+                    t = j
+                flags[start + t] = SELECTED_ZERO if (r & low32) < zero_below else SELECTED_KEEP
+                seg = 0  # count it in its segment, for the buffer's layout
+                while t >= n_words[b, seg]:
+                    t -= n_words[b, seg]
+                    seg += 1
+                sizes[seg, 2] += 1
+    return seq_lens, T, flags, flag_start, slot_start, sizes
 
 
-@njit(cache=True)
-def _segment_sizes(users, user_word_offsets, word_len, user_action_offsets, flags, flag_start, s):
-    """(actions, words, masked words, actions in masked words) of segment ``s`` for these users.
-    The last bounds every attribute's label count."""
-    A = W = M = cap = 0
-    for b in range(users.shape[0]):
-        u = users[b]
-        w0 = user_word_offsets[u]
-        nw = user_word_offsets[u + 1] - w0
-        W += nw
-        A += user_action_offsets[u + 1] - user_action_offsets[u]
-        f0 = flag_start[b, s]
-        for i in range(nw):
-            if flags[f0 + i] != NOT_SELECTED:
-                M += 1
-                cap += word_len[w0 + i]
-    return A, W, M, cap
+@njit(cache=True, inline="always")
+def _take_stamped(x, k, label_ids, n_labels, seen, base, top, stamp):
+    """Append id ``x`` to attribute k's labels of the current masked word unless it is 0 or already there."""
+    n = n_labels[k]
+    label_ids[k, n] = x  # written always, kept (n advances) only if new and nonzero
+    j = base[k] + min(max(x, 0), top[k])  # clamped: a bad id cannot write outside seen
+    n_labels[k] = n + ((seen[j] != stamp) & (x != 0))
+    seen[j] = stamp
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _fill_segment(users, user_word_offsets, word_pos, word_len, user_action_offsets, attr_ids, vocab,
-                  slot_start, flags, flag_start, s,
-                  out_attr, out_off, out_pos, out_slot, masked, zero, label_off, label_ids):
-    """Write segment ``s`` of the batch into the given arrays (sized by :func:`_segment_sizes`).
+                  slot_start, flags, flag_start, s, raw, at, size, labels_at):
+    """Write segment ``s`` of the batch into the uint8 buffer ``raw``.
 
-    vocab: int64 [K] vocabulary size of each attribute.  out_attr int32 [A, K], out_off int32 [W+1],
-    out_pos int32 [W], out_slot int64 [W], masked int64 [M], zero bool [M], label_off int32 [K, M+1],
-    label_ids int32 [K, cap] (scratch: attribute k's labels are its first label_off[k, M] entries).
-    Returns nothing; label_off[:, M] holds each attribute's label count.
+    vocab: int64 [K] vocabulary size of each attribute.  at: int64 [8] byte offsets of the arrays
+    (attr_ids int32 [A, K], word_offsets int32 [W+1], word_pos int32 [W], word_slot int64 [W], masked
+    int64 [M], masked_zero bool [M], label_offsets int32 [K, M+1], label scratch int32 [K, A]);
+    size: (A, W, M) from :func:`_plan`.  Attribute k's labels end up at ``labels_at`` + the counts of the
+    attributes before it, back to back.  Returns the byte offset after the last label.
     """
-    B = users.shape[0]
+    A, W, M = size[0], size[1], size[2]
     K = attr_ids.shape[1]
-    stamp_base = np.zeros(K + 1, dtype=np.int64)  # attribute k's stamps: seen[stamp_base[k]:stamp_base[k+1]]
-    for k in range(K):
-        stamp_base[k + 1] = stamp_base[k] + (vocab[k] if vocab[k] <= STAMP_MAX_VOCAB else 0)
-    # seen[id] = m + 1 once id was emitted for masked word m: ids repeat within a word, and every word gets
-    # a fresh stamp, so nothing is ever reset.
-    seen = np.zeros(stamp_base[K] if masked.shape[0] else 0, dtype=np.int32)
+    out_attr = raw[at[0]:at[0] + A * K * 4].view(np.int32).reshape((A, K))
+    out_off = raw[at[1]:at[1] + (W + 1) * 4].view(np.int32)
+    out_pos = raw[at[2]:at[2] + W * 4].view(np.int32)
+    out_slot = raw[at[3]:at[3] + W * 8].view(np.int64)
+    masked = raw[at[4]:at[4] + M * 8].view(np.int64)
+    zero = raw[at[5]:at[5] + M].view(np.bool_)
+    label_off = raw[at[6]:at[6] + K * (M + 1) * 4].view(np.int32).reshape((K, M + 1))
+    label_ids = raw[at[7]:at[7] + K * A * 4].view(np.int32).reshape((K, A))
+    B = users.shape[0]
+    # Stamps: seen[base[k] + id] == stamp once attribute k's id was taken for the current masked word.  Every
+    # word gets a new stamp, so the table is only cleared when the 16-bit stamps wrap (uint16: half the
+    # cache footprint of int32, which the random lookups into a shop-sized table feel).
+    # Attributes with larger vocabularies (no table) are checked by a scan of the word's labels so far.
+    stamped = np.array([k for k in range(K) if vocab[k] <= STAMP_MAX_VOCAB], dtype=np.int64)
+    scanned = np.array([k for k in range(K) if vocab[k] > STAMP_MAX_VOCAB], dtype=np.int64)
+    top = vocab - 1
+    base = np.zeros(K, dtype=np.int64)
+    size = 0
+    for k in stamped:
+        base[k] = size
+        size += vocab[k]
+    seen = np.zeros(size if M else 0, dtype=np.uint16)
+    stamp = np.uint16(0)
+    word_start = np.zeros(K, dtype=np.int64)
     n_labels = np.zeros(K, dtype=np.int64)
     for k in range(K):
         label_off[k, 0] = 0
@@ -187,34 +210,47 @@ def _fill_segment(users, user_word_offsets, word_pos, word_len, user_action_offs
             masked[m] = w + i
             zero[m] = f == SELECTED_ZERO
             m += 1
+            if stamp == np.uint16(65535):
+                seen[:] = 0
+                stamp = np.uint16(0)
+            stamp += np.uint16(1)
+            # Labels now, while the rows just copied are in cache; masked words come in order, so every
+            # attribute's CSR is appended in order.  Row by row, all K attributes of a row together.
+            for k in scanned:
+                word_start[k] = n_labels[k]
             r0 = out_off[w + i]
             r1 = out_off[w + i + 1]
-            # Labels now, while the rows just copied are in cache; masked words come in order, so every
-            # attribute's CSR is appended in order.
-            for k in range(K):
+            if scanned.shape[0] == 0:  # the usual case: a plain range over K compiles to the tighter loop
+                for r in range(r0, r1):
+                    for k in range(K):
+                        _take_stamped(out_attr[r, k], k, label_ids, n_labels, seen, base, top, stamp)
+            else:
+                for r in range(r0, r1):
+                    for k in stamped:
+                        _take_stamped(out_attr[r, k], k, label_ids, n_labels, seen, base, top, stamp)
+            for k in scanned:
                 n = n_labels[k]
-                if vocab[k] <= STAMP_MAX_VOCAB:
-                    base = stamp_base[k]
-                    top = vocab[k] - 1
-                    for r in range(r0, r1):
-                        x = out_attr[r, k]
-                        j = base + min(max(x, 0), top)  # clamped: a bad id cannot write outside seen
-                        label_ids[k, n] = x
-                        n += (seen[j] != m) & (x != 0)  # kept (n advances) only the first time, never 0
-                        seen[j] = m
-                else:
-                    n0 = n
-                    for r in range(r0, r1):
-                        x = out_attr[r, k]
-                        dup = x == 0
-                        for q in range(n0, n):
-                            dup |= label_ids[k, q] == x
-                        label_ids[k, n] = x
-                        n += not dup
+                for r in range(r0, r1):
+                    x = out_attr[r, k]
+                    dup = x == 0
+                    for q in range(word_start[k], n):
+                        dup |= label_ids[k, q] == x
+                    label_ids[k, n] = x
+                    n += not dup
                 n_labels[k] = n
-                label_off[k, m] = n
+            for k in range(K):
+                label_off[k, m] = n_labels[k]
         w += nw
         a += n_act
+    # Move the label lists together.  Each move goes down (count <= A, labels_at <= scratch), and ends
+    # before the next attribute's scratch row begins, so nothing is overwritten before it is moved.
+    for k in range(K):
+        n = n_labels[k]
+        dst = raw[labels_at:labels_at + n * 4].view(np.int32)
+        for i in range(n):
+            dst[i] = label_ids[k, i]
+        labels_at += n * 4
+    return labels_at
 
 
 @dataclass
@@ -224,9 +260,9 @@ class CollateConfig:
 
 
 class Collator:
-    """Builds batches from rows of a TokenizedData.  Picklable, so loader workers can hold one.
+    """Builds batches from rows of a TokenizedData.  Safe to call from several threads at once.
 
-    ``collator.packed(users, seed)`` is what a loader worker sends (one buffer); ``collator(users, seed)``
+    ``collator.packed(users, seed)`` is what a loader thread hands over (one buffer); ``collator(users, seed)``
     is the same batch as a :class:`Batch` of views into that buffer.
     """
 
@@ -238,6 +274,8 @@ class Collator:
         # Vocabulary sizes bound the ids (tokenizer contract) and size the label stamp tables.
         self.vocab = [np.asarray(data.manifest["segments"][seg.name]["vocab_sizes"], dtype=np.int64)
                       for seg in data.segments]
+        self._user_word_offsets = tuple(seg.user_word_offsets for seg in data.segments)
+        self._user_action_offsets = tuple(seg.user_action_offsets for seg in data.segments)
 
     def __call__(self, users: np.ndarray, seed: int = 0) -> Batch:
         return unpack_batch(self.packed(users, seed))
@@ -246,54 +284,46 @@ class Collator:
         users = np.ascontiguousarray(users, dtype=np.int64)
         segs = self.data.segments
         B, U = users.shape[0], self.n_user_attr
-        seq_lens, T, flags, flag_start, slot_start = _plan(
-            users, tuple(seg.user_word_offsets for seg in segs), U, self.cfg.select_prob, self.cfg.zero_prob, seed)
-        sizes = [_segment_sizes(users, seg.user_word_offsets, seg.word_len, seg.user_action_offsets, flags,
-                                flag_start, s) for s, seg in enumerate(segs)]
+        seq_lens, T, flags, flag_start, slot_start, sizes = _plan(
+            users, self._user_word_offsets, self._user_action_offsets, U, self.cfg.select_prob, self.cfg.zero_prob,
+            seed)
 
         # Lay the buffer out in flat_tensors order; each segment's label ids go to a scratch region at the
-        # end (sized by their bound) and are moved together once their counts are known.
+        # end and are moved up against each other once their counts are known.  The scratch is sized by a
+        # bound that needs no look at the words (an attribute has at most one label per action): pages of
+        # it that are never written are never touched, here or wherever the buffer is sent.
         layout = BufferLayout()
         fixed = [layout.add(torch.int32, (B, U)), layout.add(torch.int32, (B,)), layout.add(torch.int64, (B,))]
-        seg_offsets = []
-        for (A, W, M, _), seg in zip(sizes, segs, strict=True):
+        at = np.empty((len(segs), 8), dtype=np.int64)
+        for s, seg in enumerate(segs):
+            A, W, M = sizes[s].tolist()
             K = seg.attr_ids.shape[1]
-            seg_offsets.append([layout.add(torch.int32, (A, K)), layout.add(torch.int32, (W + 1,)),
-                                layout.add(torch.int32, (W,)), layout.add(torch.int64, (W,)),
-                                layout.add(torch.int64, (M,)), layout.add(torch.bool, (M,)),
-                                layout.add(torch.int32, (K, M + 1))])
-        scratch = [layout.add(torch.int32, (seg.attr_ids.shape[1], cap)) for (*_, cap), seg in zip(sizes, segs)]
+            at[s, :7] = [layout.add(torch.int32, (A, K)), layout.add(torch.int32, (W + 1,)),
+                         layout.add(torch.int32, (W,)), layout.add(torch.int64, (W,)), layout.add(torch.int64, (M,)),
+                         layout.add(torch.bool, (M,)), layout.add(torch.int32, (K, M + 1))]
+        labels_at = layout.nbytes
+        for s, seg in enumerate(segs):
+            at[s, 7] = layout.add(torch.int32, (seg.attr_ids.shape[1], int(sizes[s, 0])))
         buffer = torch.empty(max(layout.nbytes, 1), dtype=torch.uint8)
         raw = buffer.numpy()
 
-        def view(offset: int, dtype, shape: tuple[int, ...]) -> np.ndarray:
-            return raw[offset:offset + int(np.prod(shape)) * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
-
-        ua = view(fixed[0], np.int32, (B, U))
         if U:
+            ua = raw[fixed[0]:fixed[0] + B * U * 4].view(np.int32).reshape(B, U)
             np.add(self.data.user_attr_ids[users], self.user_attr_offsets[None, :], out=ua, casting="unsafe")
-        view(fixed[1], np.int32, (B,))[:] = seq_lens
-        view(fixed[2], np.int64, (B,))[:] = users
+        raw[fixed[1]:fixed[1] + B * 4].view(np.int32)[:] = seq_lens
+        raw[fixed[2]:fixed[2] + B * 8].view(np.int64)[:] = users
 
-        entries = list(layout.entries[:3])
-        labels_at = layout.entries[3 + 7 * len(segs)][2]  # first scratch byte: compacted labels start here
+        entries = layout.entries[:3]
         for s, seg in enumerate(segs):
-            A, W, M, cap = sizes[s]
-            K = seg.attr_ids.shape[1]
-            o = seg_offsets[s]
-            label_off = view(o[6], np.int32, (K, M + 1))
-            label_ids = view(scratch[s], np.int32, (K, cap))
-            _fill_segment(users, seg.user_word_offsets, seg.word_pos, seg.word_len, seg.user_action_offsets,
-                          seg.attr_ids, self.vocab[s], slot_start, flags, flag_start, s,
-                          view(o[0], np.int32, (A, K)), view(o[1], np.int32, (W + 1,)), view(o[2], np.int32, (W,)),
-                          view(o[3], np.int64, (W,)), view(o[4], np.int64, (M,)), view(o[5], np.bool_, (M,)),
-                          label_off, label_ids)
+            start = labels_at
+            labels_at = _fill_segment(users, seg.user_word_offsets, seg.word_pos, seg.word_len,
+                                      seg.user_action_offsets, seg.attr_ids, self.vocab[s], slot_start, flags,
+                                      flag_start, s, raw, at[s], sizes[s], labels_at)
+            K, M = seg.attr_ids.shape[1], int(sizes[s, 2])
+            counts = raw[at[s, 6]:at[s, 6] + K * (M + 1) * 4].view(np.int32).reshape(K, M + 1)[:, M].tolist()
             entries += layout.entries[3 + 7 * s:3 + 7 * s + 6]
-            entries += [(torch.int32, (M + 1,), o[6] + k * (M + 1) * 4) for k in range(K)]
-            for k in range(K):
-                nnz = int(label_off[k, M])
-                # Moves only ever go down (nnz <= cap), so an earlier move never overwrites later scratch.
-                view(labels_at, np.int32, (nnz,))[:] = label_ids[k, :nnz]
-                entries.append((torch.int32, (nnz,), labels_at))
-                labels_at += nnz * 4
+            entries += [(torch.int32, (M + 1,), int(at[s, 6]) + k * (M + 1) * 4) for k in range(K)]
+            for n in counts:
+                entries.append((torch.int32, (n,), start))
+                start += n * 4
         return PackedBatch(buffer[:labels_at], (tuple(seg.attr_ids.shape[1] for seg in segs), T, tuple(entries)))

@@ -90,8 +90,8 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"  # plain-torch backend (bf16 autocast); DeepSpeed takes its JSON's
     group_by_length: bool = True  # batch users of similar length (less padding); see engine/data.py
     num_threads: int = 0  # torch CPU threads (0: torch's default)
-    loader_workers: int = -1  # collate processes per rank; -1: auto (up to 4 on GPU, 0 on CPU)
-    prefetch_factor: int = 4  # batches each loader worker keeps ready
+    loader_workers: int = -1  # collate threads per rank; -1: auto (up to 4 on GPU, 0 on CPU)
+    prefetch_factor: int = 4  # batches collated ahead per loader thread
     pin_memory: bool = True  # pinned host batches (GPU only) for asynchronous copies
 
     def __post_init__(self) -> None:

@@ -1,4 +1,4 @@
-"""Data loading: a deterministic plan of user batches, collated in loader workers.
+"""Data loading: a deterministic plan of user batches, collated by loader threads.
 
 The plan is a pure function of (seed, epoch, rank, world_size): step ``i`` always sees the same
 users and the same masks, which is what lets a resumed run reproduce an uninterrupted one.
@@ -13,16 +13,16 @@ masks of 2 ranks x 1 step.  With one slot this is :func:`pretrain_batches`' plan
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import signal
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from engine.batch import Batch, PackedBatch, unpack_batch
 from engine.collate import Collator
@@ -73,28 +73,16 @@ def global_batches(n_users: int, global_batch: int, seed: int, epoch: int, drop_
     return [order[i * global_batch:(i + 1) * global_batch] for i in batch_order]
 
 
-class _PlannedBatches(Dataset):
-    """A map-style dataset whose items are whole batches, so workers run collate in parallel."""
-
-    def __init__(self, collator: Collator, plan: list[np.ndarray], seeds: list[int]):
-        self.collator, self.plan, self.seeds = collator, plan, seeds
-
-    def __len__(self) -> int:
-        return len(self.plan)
-
-    def __getitem__(self, i: int) -> Batch:
-        return self.collator(self.plan[i], self.seeds[i])
-
-
 def sequence_lengths(collator: Collator, rows: np.ndarray) -> np.ndarray:
     """Tokens per user (without CLS and user attributes, which every user has)."""
     return sum(np.diff(s.user_word_offsets)[rows] for s in collator.data.segments)
 
 
 def pretrain_batches(collator: Collator, batch_size: int, seed: int, start_step: int = 0, rank: int = 0,
-                     world_size: int = 1, workers: int = 0, pin_memory: bool = False,
-                     users: np.ndarray | None = None, group_by_length: bool = True) -> Iterator[tuple[int, Batch]]:
-    """Endless (step, Batch) pairs from ``start_step`` on, epoch after epoch.
+                     world_size: int = 1, users: np.ndarray | None = None,
+                     group_by_length: bool = True) -> Iterator[tuple[int, Batch]]:
+    """Endless (step, Batch) pairs from ``start_step`` on, epoch after epoch (the plan of one slot per
+    step, collated in order; :class:`TrainLoader` collates the same plan ahead in threads).
 
     ``users``: restrict training to these dataset rows (default: every user).
     """
@@ -108,12 +96,8 @@ def pretrain_batches(collator: Collator, batch_size: int, seed: int, start_step:
         epoch, index = divmod(step, per_epoch)
         plan = [rows[b] for b in epoch_plan(len(rows), batch_size, seed, epoch, rank, world_size,
                                             lengths=lengths)][index:]
-        seeds = [batch_seed(seed, epoch, i) for i in range(index, per_epoch)]
-        loader = DataLoader(_PlannedBatches(collator, plan, seeds), batch_size=None, shuffle=False,
-                            num_workers=workers, pin_memory=pin_memory,
-                            persistent_workers=False, prefetch_factor=4 if workers else None)
-        for batch in loader:
-            yield step, batch
+        for i, users_ in enumerate(plan, start=index):
+            yield step, collator(users_, batch_seed(seed, epoch, i))
             step += 1
 
 
@@ -163,8 +147,8 @@ def batch_layout(global_batch: int, world_size: int, micro_batch: int = 0, accum
 
 class TrainBatches(Dataset):
     """Map-style dataset of one rank's micro-batches, item ``k`` = micro-batch ``k % A`` of step
-    ``start_step + k // A``, epoch after epoch.  Workers compute an epoch's plan when they first
-    need it (a pure function, so every worker and every rank agree without talking)."""
+    ``start_step + k // A``, epoch after epoch.  An epoch's plan is computed when first needed (a pure
+    function, so every rank agrees without talking)."""
 
     def __init__(self, collator: Collator, layout: BatchLayout, rank: int, seed: int, start_step: int,
                  end_step: int, rows: np.ndarray | None = None, group_by_length: bool = True):
@@ -176,7 +160,6 @@ class TrainBatches(Dataset):
         if self.per_epoch == 0:
             raise ValueError(f"{len(self.rows)} users cannot fill one global batch of {layout.global_batch}")
         self._epoch, self._batches = -1, []
-        self.packed = False  # worker processes send one buffer per batch (Collator.packed)
 
     def __len__(self) -> int:
         return max(0, self.end_step - self.start_step) * self.layout.accumulation
@@ -199,23 +182,13 @@ class TrainBatches(Dataset):
         chunk = self._batches[index][slot::n][:self.layout.micro_batch]
         return self.rows[chunk], batch_seed(self.seed, epoch, index * n + slot)
 
-    def __getitem__(self, k: int) -> Batch | PackedBatch:
-        users, seed = self.users(k)
-        return self.collator.packed(users, seed) if self.packed else self.collator(users, seed)
-
-
-def _loader_worker_init(_: int) -> None:
-    # Launchers signal the whole process tree on shutdown (deepspeed's terminate_process_tree, torchrun's
-    # process group kill).  The trainer catches SIGTERM/SIGINT to write a checkpoint first; workers that
-    # died of the same signal would make the next fetch raise before it can.  They exit with their parent.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(1)  # collate is Numba and numpy; torch threads here would fight the trainer's
+    def __getitem__(self, k: int) -> Batch:
+        return self.collator(*self.users(k))
 
 
 def auto_workers(requested: int, device: torch.device, local_world_size: int = 1) -> int:
-    """-1: up to 4 workers per rank on GPU (bounded by the CPUs per local rank, one left for the
-    trainer); 0 on CPU, where collate in the training process is cheaper than competing for cores."""
+    """-1: up to 4 collate threads per rank on GPU (bounded by the CPUs per local rank, one left for the
+    trainer); 0 on CPU, where collating on the training thread is cheaper than competing for cores."""
     if requested >= 0:
         return requested
     if device.type != "cuda":
@@ -225,42 +198,57 @@ def auto_workers(requested: int, device: torch.device, local_world_size: int = 1
 
 
 class TrainLoader:
-    """Iterates a rank's micro-batches with worker processes, pinned memory and prefetch, and times how
-    long the trainer waits for each batch (``data_wait_s``, reset by :meth:`take_wait`)."""
+    """Iterates a rank's micro-batches, collated ahead by ``workers`` threads, and times how long the
+    trainer waits for each batch (``data_wait_s``, reset by :meth:`take_wait`).
+
+    Threads, not processes: collate is Numba code that releases the GIL, so threads run it in parallel,
+    and a batch (one buffer, :meth:`Collator.packed`) reaches the trainer without being copied into
+    shared memory — which costs more than collating it (measured: 11 ms to share a 7 MB paper-max
+    batch of 256 users; docs/bench/throughput.md).  On a GPU the buffer is pinned by its thread and
+    crosses to the device in one copy; the batch is views of it.  Batches come out in order and are a
+    pure function of the plan, whatever the number of threads.
+    """
 
     def __init__(self, dataset: TrainBatches, workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 4,
                  seed: int = 0, device: torch.device | None = None):
         self.dataset = dataset
-        # With workers, a batch arrives as one buffer: on a GPU it crosses to the device in one copy and is
-        # unpacked there (views), instead of one small copy per tensor.
+        self.workers = workers
+        self.ahead = max(1, workers * prefetch_factor)  # batches submitted but not yet taken
         self.device = device if device is not None and device.type == "cuda" else None
-        self.non_blocking = pin_memory
-        dataset.packed = workers > 0
-        kwargs = {}
-        if workers > 0:
-            kwargs.update(prefetch_factor=prefetch_factor, persistent_workers=False, worker_init_fn=_loader_worker_init)
-            # fork shares the memory-mapped shards and Numba's compiled collate with the workers; it is also
-            # what Linux uses today, made explicit for Python versions whose default moves to forkserver.
-            if "fork" in multiprocessing.get_all_start_methods():
-                kwargs["multiprocessing_context"] = "fork"
-        # A private generator: the loader draws its worker base seed from it instead of the global RNG,
-        # whose state the checkpoints restore for dropout (exact resume).
-        self.loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory,
-                                 generator=torch.Generator().manual_seed(seed), **kwargs)
-        self._it: Iterator[Batch] | None = None
+        self.pin = pin_memory and self.device is not None
+        self.seed = seed  # kept for the interface: the plan, not the loader, decides every batch
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: deque[Future] = deque()
+        self._submitted = self._taken = 0
         self.wait_s = 0.0
 
+    def _collate(self, users: np.ndarray, seed: int) -> PackedBatch:
+        packed = self.dataset.collator.packed(users, seed)
+        return packed.pin_memory() if self.pin else packed
+
     def __iter__(self) -> TrainLoader:
-        self._it = iter(self.loader)
+        self.close()
+        self._submitted = self._taken = 0
+        if self.workers > 0:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="userbert-collate")
         return self
 
     def __next__(self) -> Batch:
         t = time.perf_counter()
-        batch = next(self._it)
-        if isinstance(batch, PackedBatch):
-            if self.device is not None:
-                batch = PackedBatch(batch.buffer.to(self.device, non_blocking=self.non_blocking), batch.spec)
-            batch = unpack_batch(batch)
+        n = len(self.dataset)
+        if self._taken >= n:
+            raise StopIteration
+        if self._pool is None:
+            packed = self._collate(*self.dataset.users(self._taken))
+        else:
+            while self._submitted < min(n, self._taken + self.ahead):
+                self._pending.append(self._pool.submit(self._collate, *self.dataset.users(self._submitted)))
+                self._submitted += 1
+            packed = self._pending.popleft().result()
+        self._taken += 1
+        if self.device is not None:
+            packed = PackedBatch(packed.buffer.to(self.device, non_blocking=self.pin), packed.spec)
+        batch = unpack_batch(packed)
         self.wait_s += time.perf_counter() - t
         return batch
 
@@ -269,10 +257,11 @@ class TrainLoader:
         return w
 
     def close(self) -> None:
-        # Shuts worker processes down now rather than at garbage collection.
-        it, self._it = self._it, None
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
+        """Stops the threads now (a batch being collated finishes; queued ones are dropped)."""
+        pool, self._pool = self._pool, None
+        self._pending.clear()
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def eval_batches(collator: Collator, users: np.ndarray, batch_size: int) -> Iterator[Batch]:

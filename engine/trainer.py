@@ -453,7 +453,7 @@ class Trainer:
         heads = [f"loss/{s.name}.{a}" for s in self.spec.segments for a in s.attributes]
         n_fixed = 7  # loss, signal stop, time stop, users, tokens, masked words, data wait
         if main:
-            log.info("training steps %d..%d on %s (%s, %s), %d loader workers%s", self.start_step, tc.steps,
+            log.info("training steps %d..%d on %s (%s, %s), %d loader threads%s", self.start_step, tc.steps,
                      self.backend.name, self.precision, ctx.backend, workers, ", pinned" if pin else "")
 
         losses: list[float] = []

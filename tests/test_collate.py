@@ -181,7 +181,7 @@ def test_padding_mask(seed):
 
 @pytest.mark.parametrize(("seed", "select_prob"), [(0, 0.15), (1, 0.5), (2, 0.0)])
 def test_packed_batch_round_trips_every_tensor(seed, select_prob):
-    # What loader workers send: one aligned buffer; what the trainer gets back: views of it.
+    # pack_batch: any Batch as one aligned buffer; unpack_batch: views of it.
     data = random_data(seed, K=(3, 1, 2))
     users = np.random.default_rng(seed).choice(data.num_users, 13, replace=False)
     batch = Collator(data, [0, 10], CollateConfig(select_prob=select_prob))(users, seed=seed)
@@ -211,3 +211,19 @@ def test_collator_writes_the_packed_layout_directly(select_prob):
         assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
     dtype, shape, offset = packed.spec[2][-1]  # the last label list ends the buffer
     assert packed.buffer.numel() == offset + int(np.prod(shape)) * dtype.itemsize
+
+
+def test_labels_stay_distinct_when_the_word_stamps_wrap():
+    # The stamp table holds 16-bit stamps, one per masked word, cleared when they run out: a batch with
+    # more than 65,535 masked words crosses that point.
+    data = random_data(7, n_users=300, K=(2,), max_words=500)
+    batch = Collator(data, [0, 10], CollateConfig(select_prob=1.0))(np.arange(300), seed=1)
+    sb = batch.segments[0]
+    assert len(sb.masked) > 70_000
+    offs, attr = sb.word_offsets.numpy(), sb.attr_ids.numpy()
+    for k in range(2):
+        lo, li = sb.label_offsets[k].numpy(), sb.label_ids[k].numpy()
+        for m in list(range(65_530, 65_545)) + [len(sb.masked) - 1]:
+            w = sb.masked[m].item()
+            assert li[lo[m]:lo[m + 1]].tolist() == list(dict.fromkeys(v for v in attr[offs[w]:offs[w + 1], k]
+                                                                      .tolist() if v != 0))

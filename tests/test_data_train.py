@@ -101,7 +101,7 @@ def test_workers_give_the_same_batches_and_wait_is_timed(collator):
     plain = list(TrainLoader(ds, workers=0))
     loader = TrainLoader(ds, workers=2, prefetch_factor=2)
     try:
-        pooled = list(loader)  # workers send one packed buffer per batch; unpacked into views here
+        pooled = list(loader)  # threads collate ahead, out of order; batches come out in plan order
     finally:
         loader.close()
     assert len(plain) == len(pooled) == 10
@@ -110,3 +110,27 @@ def test_workers_give_the_same_batches_and_wait_is_timed(collator):
         ta, tb = flat_tensors(a), flat_tensors(b)
         assert len(ta) == len(tb) and all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(ta, tb))
     assert loader.take_wait() > 0 and loader.take_wait() == 0.0
+
+
+def test_loader_thread_errors_reach_the_trainer_and_close_stops_early(collator):
+    ds = TrainBatches(collator, batch_layout(16, 1), 0, 7, 0, 50)
+    loader = TrainLoader(ds, workers=2, prefetch_factor=2)
+    it = iter(loader)
+    first = next(it)
+    loader.close()  # mid-epoch: queued batches are dropped, nothing hangs
+    again = next(iter(loader))  # a fresh pass starts from the first batch
+    assert torch.equal(first.users, again.users)
+    loader.close()
+
+    class Broken:
+        data = collator.data
+
+        def packed(self, users, seed):
+            raise ValueError(f"bad batch {seed}")
+
+    bad = TrainBatches(collator, batch_layout(16, 1), 0, 7, 0, 5)
+    bad.collator = Broken()
+    loader = TrainLoader(bad, workers=2)
+    with pytest.raises(ValueError, match="bad batch"):
+        next(iter(loader))
+    loader.close()

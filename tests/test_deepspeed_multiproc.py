@@ -4,7 +4,7 @@
 - `torchrun --nproc_per_node 2` with the same config, stopped by SIGTERM part-way: it writes a checkpoint and
   exits; `torchrun ... --resume` finishes it, and the loss sequence and final weights equal the reference's
   (the launcher makes no difference)
-- `torchrun` at ZeRO 0 with a loader worker per rank: the loss decreases
+- `torchrun` at ZeRO 0 with a loader thread per rank: the loss decreases
 - `userbert-engine pretrain --deepspeed_config ...`: one process, its own gloo group
 
 DeepSpeed's shared-memory comm op is never built (engine/trainer.py keeps it out on CPU), so no run waits ~30 s
@@ -156,7 +156,7 @@ def test_torchrun_zero0_with_loader_workers_loss_decreases(tok, tmp_path):
     assert rc == 0, (tmp_path / "log").read_text()[-3000:]
     rows = _metrics(out)
     assert len(rows) == STEPS and _decreases(rows)
-    assert "1 loader workers" in (tmp_path / "log").read_text()
+    assert "1 loader threads" in (tmp_path / "log").read_text()
 
 
 def test_single_process_deepspeed_has_its_own_group(tok, tmp_path):
