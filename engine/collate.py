@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from engine.batch import Batch, BufferLayout, PackedBatch, unpack_batch
+from engine.batch import Batch, PackedBatch, unpack_batch
 from engine.prefetch import prefetch
 
 if TYPE_CHECKING:
@@ -124,6 +124,59 @@ def _plan(users, user_word_offsets, user_action_offsets, n_user_attr, select_pro
 
 
 @njit(cache=True, inline="always")
+def _reserve(end, nbytes):
+    """(offset, new end): room for ``nbytes`` at the next 64-byte boundary (engine.batch.BufferLayout's rule)."""
+    return end, end + (nbytes + 63) // 64 * 64
+
+
+@njit(cache=True, nogil=True)
+def _layout(sizes, n_attrs, B, U):
+    """Byte offsets of every array of the batch buffer, in flat_tensors order, then the label scratch.
+
+    sizes: int64 [S, 3] from :func:`_plan`; n_attrs: int64 [S] (K per segment).  Returns fixed int64 [3]
+    (user_attr_ids int32 [B, U], seq_lens int32 [B], users int64 [B]), at int64 [S, 8] (the arrays of
+    :func:`_fill_segment`), the scratch's first byte and the buffer's size.  The scratch has room for one
+    label per action and attribute, a bound that needs no look at the words; pages of it that are never
+    written are never touched.
+    """
+    S = sizes.shape[0]
+    fixed = np.empty(3, dtype=np.int64)
+    at = np.empty((S, 8), dtype=np.int64)
+    end = 0
+    fixed[0], end = _reserve(end, B * U * 4)
+    fixed[1], end = _reserve(end, B * 4)
+    fixed[2], end = _reserve(end, B * 8)
+    for s in range(S):
+        A, W, M, K = sizes[s, 0], sizes[s, 1], sizes[s, 2], n_attrs[s]
+        at[s, 0], end = _reserve(end, A * K * 4)
+        at[s, 1], end = _reserve(end, (W + 1) * 4)
+        at[s, 2], end = _reserve(end, W * 4)
+        at[s, 3], end = _reserve(end, W * 8)
+        at[s, 4], end = _reserve(end, M * 8)
+        at[s, 5], end = _reserve(end, M)
+        at[s, 6], end = _reserve(end, K * (M + 1) * 4)
+    scratch = end
+    for s in range(S):
+        at[s, 7], end = _reserve(end, sizes[s, 0] * n_attrs[s] * 4)
+    return fixed, at, scratch, max(end, 1)
+
+
+@njit(cache=True, nogil=True)
+def _fill_users(raw, fixed, users, user_attr_ids, user_attr_offsets, seq_lens):
+    """The per-user arrays: user-attribute ids (offset into the stacked table), sequence lengths, rows."""
+    B = users.shape[0]
+    U = user_attr_ids.shape[1]
+    ua = raw[fixed[0]:fixed[0] + B * U * 4].view(np.int32)
+    lens = raw[fixed[1]:fixed[1] + B * 4].view(np.int32)
+    rows = raw[fixed[2]:fixed[2] + B * 8].view(np.int64)
+    for b in range(B):
+        for j in range(U):
+            ua[b * U + j] = user_attr_ids[users[b], j] + user_attr_offsets[j]
+        lens[b] = seq_lens[b]
+        rows[b] = users[b]
+
+
+@njit(cache=True, inline="always")
 def _take_stamped(x, k, label_ids, n_labels, seen, base, top, stamp):
     """Append id ``x`` to attribute k's labels of the current masked word unless it is 0 or already there."""
     n = n_labels[k]
@@ -135,14 +188,15 @@ def _take_stamped(x, k, label_ids, n_labels, seen, base, top, stamp):
 
 @njit(cache=True, nogil=True)
 def _fill_segment(users, user_word_offsets, word_pos, word_len, user_action_offsets, attr_ids, vocab,
-                  slot_start, flags, flag_start, s, raw, at, size, labels_at):
+                  slot_start, flags, flag_start, s, raw, at, size, labels_at, counts):
     """Write segment ``s`` of the batch into the uint8 buffer ``raw``.
 
     vocab: int64 [K] vocabulary size of each attribute.  at: int64 [8] byte offsets of the arrays
     (attr_ids int32 [A, K], word_offsets int32 [W+1], word_pos int32 [W], word_slot int64 [W], masked
     int64 [M], masked_zero bool [M], label_offsets int32 [K, M+1], label scratch int32 [K, A]);
     size: (A, W, M) from :func:`_plan`.  Attribute k's labels end up at ``labels_at`` + the counts of the
-    attributes before it, back to back.  Returns the byte offset after the last label.
+    attributes before it, back to back; counts int64 [K] receives each attribute's label count.  Returns the
+    byte offset after the last label.
     """
     A, W, M = size[0], size[1], size[2]
     K = attr_ids.shape[1]
@@ -246,6 +300,7 @@ def _fill_segment(users, user_word_offsets, word_pos, word_len, user_action_offs
     # before the next attribute's scratch row begins, so nothing is overwritten before it is moved.
     for k in range(K):
         n = n_labels[k]
+        counts[k] = n
         dst = raw[labels_at:labels_at + n * 4].view(np.int32)
         for i in range(n):
             dst[i] = label_ids[k, i]
@@ -276,54 +331,40 @@ class Collator:
                       for seg in data.segments]
         self._user_word_offsets = tuple(seg.user_word_offsets for seg in data.segments)
         self._user_action_offsets = tuple(seg.user_action_offsets for seg in data.segments)
+        self._n_attrs = tuple(seg.attr_ids.shape[1] for seg in data.segments)
+        self._n_attrs_array = np.array(self._n_attrs, dtype=np.int64)
 
     def __call__(self, users: np.ndarray, seed: int = 0) -> Batch:
         return unpack_batch(self.packed(users, seed))
 
     def packed(self, users: np.ndarray, seed: int = 0) -> PackedBatch:
         users = np.ascontiguousarray(users, dtype=np.int64)
-        segs = self.data.segments
-        B, U = users.shape[0], self.n_user_attr
+        B, U, Ks = users.shape[0], self.n_user_attr, self._n_attrs
         seq_lens, T, flags, flag_start, slot_start, sizes = _plan(
             users, self._user_word_offsets, self._user_action_offsets, U, self.cfg.select_prob, self.cfg.zero_prob,
             seed)
-
-        # Lay the buffer out in flat_tensors order; each segment's label ids go to a scratch region at the
-        # end and are moved up against each other once their counts are known.  The scratch is sized by a
-        # bound that needs no look at the words (an attribute has at most one label per action): pages of
-        # it that are never written are never touched, here or wherever the buffer is sent.
-        layout = BufferLayout()
-        fixed = [layout.add(torch.int32, (B, U)), layout.add(torch.int32, (B,)), layout.add(torch.int64, (B,))]
-        at = np.empty((len(segs), 8), dtype=np.int64)
-        for s, seg in enumerate(segs):
-            A, W, M = sizes[s].tolist()
-            K = seg.attr_ids.shape[1]
-            at[s, :7] = [layout.add(torch.int32, (A, K)), layout.add(torch.int32, (W + 1,)),
-                         layout.add(torch.int32, (W,)), layout.add(torch.int64, (W,)), layout.add(torch.int64, (M,)),
-                         layout.add(torch.bool, (M,)), layout.add(torch.int32, (K, M + 1))]
-        labels_at = layout.nbytes
-        for s, seg in enumerate(segs):
-            at[s, 7] = layout.add(torch.int32, (seg.attr_ids.shape[1], int(sizes[s, 0])))
-        buffer = torch.empty(max(layout.nbytes, 1), dtype=torch.uint8)
+        # flat_tensors order; each segment's label ids go to a scratch region at the end and are moved up
+        # against each other once their counts are known.
+        fixed, at, labels_at, nbytes = _layout(sizes, self._n_attrs_array, B, U)
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
         raw = buffer.numpy()
-
-        if U:
-            ua = raw[fixed[0]:fixed[0] + B * U * 4].view(np.int32).reshape(B, U)
-            np.add(self.data.user_attr_ids[users], self.user_attr_offsets[None, :], out=ua, casting="unsafe")
-        raw[fixed[1]:fixed[1] + B * 4].view(np.int32)[:] = seq_lens
-        raw[fixed[2]:fixed[2] + B * 8].view(np.int64)[:] = users
-
-        entries = layout.entries[:3]
-        for s, seg in enumerate(segs):
-            start = labels_at
+        _fill_users(raw, fixed, users, self.data.user_attr_ids, self.user_attr_offsets, seq_lens)
+        counts = np.zeros((len(Ks), max(Ks, default=0)), dtype=np.int64)
+        starts = []
+        for s, seg in enumerate(self.data.segments):
+            starts.append(labels_at)
             labels_at = _fill_segment(users, seg.user_word_offsets, seg.word_pos, seg.word_len,
                                       seg.user_action_offsets, seg.attr_ids, self.vocab[s], slot_start, flags,
-                                      flag_start, s, raw, at[s], sizes[s], labels_at)
-            K, M = seg.attr_ids.shape[1], int(sizes[s, 2])
-            counts = raw[at[s, 6]:at[s, 6] + K * (M + 1) * 4].view(np.int32).reshape(K, M + 1)[:, M].tolist()
-            entries += layout.entries[3 + 7 * s:3 + 7 * s + 6]
-            entries += [(torch.int32, (M + 1,), int(at[s, 6]) + k * (M + 1) * 4) for k in range(K)]
-            for n in counts:
-                entries.append((torch.int32, (n,), start))
-                start += n * 4
-        return PackedBatch(buffer[:labels_at], (tuple(seg.attr_ids.shape[1] for seg in segs), T, tuple(entries)))
+                                      flag_start, s, raw, at[s], sizes[s], labels_at, counts[s])
+
+        # The spec: (dtype, shape, byte offset) of every tensor, in flat_tensors order.
+        f0, f1, f2 = fixed.tolist()
+        entries = [(torch.int32, (B, U), f0), (torch.int32, (B,), f1), (torch.int64, (B,), f2)]
+        for (A, W, M), o, K, n, start in zip(sizes.tolist(), at.tolist(), Ks, counts.tolist(), starts, strict=True):
+            entries += [(torch.int32, (A, K), o[0]), (torch.int32, (W + 1,), o[1]), (torch.int32, (W,), o[2]),
+                        (torch.int64, (W,), o[3]), (torch.int64, (M,), o[4]), (torch.bool, (M,), o[5])]
+            entries += [(torch.int32, (M + 1,), o[6] + k * (M + 1) * 4) for k in range(K)]
+            for c in n[:K]:
+                entries.append((torch.int32, (c,), start))
+                start += c * 4
+        return PackedBatch(buffer[:labels_at], (Ks, T, tuple(entries)))
