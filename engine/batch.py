@@ -135,13 +135,19 @@ def unpack_batch(packed: PackedBatch) -> Batch:
     """The Batch of :func:`pack_batch`, its tensors views of ``packed.buffer``."""
     layout, max_len, entries = packed.spec
     buf = packed.buffer
+    n = buf.numel()
+    typed: dict[torch.dtype, torch.Tensor] = {}  # the whole buffer as each dtype: one op per tensor below
 
     def view(e) -> torch.Tensor:
         dtype, shape, o = e
-        n = 1
-        for d in shape:
-            n *= d
-        return buf[o:o + n * dtype.itemsize].view(dtype).view(shape)
+        base = typed.get(dtype)
+        if base is None:
+            base = typed[dtype] = buf[:n - n % dtype.itemsize].view(dtype)
+        strides, step = [], 1
+        for d in reversed(shape):
+            strides.append(step)
+            step *= d
+        return base.as_strided(shape, strides[::-1], base.storage_offset() + o // dtype.itemsize)
 
     ts = iter([view(e) for e in entries])
     user_attr_ids, seq_lens, users = next(ts), next(ts), next(ts)

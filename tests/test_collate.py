@@ -227,3 +227,15 @@ def test_labels_stay_distinct_when_the_word_stamps_wrap():
             w = sb.masked[m].item()
             assert li[lo[m]:lo[m + 1]].tolist() == list(dict.fromkeys(v for v in attr[offs[w]:offs[w + 1], k]
                                                                       .tolist() if v != 0))
+
+
+def test_unpack_reads_a_buffer_that_starts_inside_its_storage():
+    # Views are taken relative to the buffer, wherever it starts in its storage.
+    data = random_data(8)
+    packed = Collator(data, [0, 10])(np.arange(12), seed=3)
+    packed = pack_batch(packed)
+    shifted = torch.zeros(64 + packed.buffer.numel(), dtype=torch.uint8)
+    shifted[64:] = packed.buffer
+    back = unpack_batch(type(packed)(shifted[64:], packed.spec))
+    for x, y in zip(flat_tensors(unpack_batch(packed)), flat_tensors(back), strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
