@@ -33,7 +33,7 @@ import torch
 from numba import njit
 
 from engine.batch import Batch, PackedBatch, unpack_batch
-from engine.prefetch import prefetch
+from engine.intrinsics import copy_items, prefetch
 
 if TYPE_CHECKING:
     from tokenizer.shards import TokenizedData
@@ -246,10 +246,10 @@ def _fill_segment(users, user_word_offsets, word_pos, word_len, user_action_offs
                 prefetch(word_len, p)
         a0 = user_action_offsets[u]
         n_act = user_action_offsets[u + 1] - a0
-        flat_dst[a * K:(a + n_act) * K] = flat_src[a0 * K:(a0 + n_act) * K]
+        copy_items(flat_dst, a * K, flat_src, a0 * K, n_act * K)  # memcpy: Numba's slice copy is slower
         w0 = user_word_offsets[u]
         nw = user_word_offsets[u + 1] - w0
-        out_pos[w:w + nw] = word_pos[w0:w0 + nw]
+        copy_items(out_pos, w, word_pos, w0, nw)
         slot = slot_start[b, s]
         end = out_off[w]
         for i in range(nw):
@@ -329,6 +329,10 @@ class Collator:
         # Vocabulary sizes bound the ids (tokenizer contract) and size the label stamp tables.
         self.vocab = [np.asarray(data.manifest["segments"][seg.name]["vocab_sizes"], dtype=np.int64)
                       for seg in data.segments]
+        # The Numba passes copy rows with memcpy: every array must be contiguous (no copy when it already is).
+        self._segments = [tuple(np.ascontiguousarray(a) for a in (seg.user_word_offsets, seg.word_pos, seg.word_len,
+                                                                   seg.user_action_offsets, seg.attr_ids))
+                          for seg in data.segments]
         self._user_word_offsets = tuple(seg.user_word_offsets for seg in data.segments)
         self._user_action_offsets = tuple(seg.user_action_offsets for seg in data.segments)
         self._n_attrs = tuple(seg.attr_ids.shape[1] for seg in data.segments)
@@ -351,11 +355,10 @@ class Collator:
         _fill_users(raw, fixed, users, self.data.user_attr_ids, self.user_attr_offsets, seq_lens)
         counts = np.zeros((len(Ks), max(Ks, default=0)), dtype=np.int64)
         starts = []
-        for s, seg in enumerate(self.data.segments):
+        for s, arrays in enumerate(self._segments):
             starts.append(labels_at)
-            labels_at = _fill_segment(users, seg.user_word_offsets, seg.word_pos, seg.word_len,
-                                      seg.user_action_offsets, seg.attr_ids, self.vocab[s], slot_start, flags,
-                                      flag_start, s, raw, at[s], sizes[s], labels_at, counts[s])
+            labels_at = _fill_segment(users, *arrays, self.vocab[s], slot_start, flags, flag_start, s, raw, at[s],
+                                      sizes[s], labels_at, counts[s])
 
         # The spec: (dtype, shape, byte offset) of every tensor, in flat_tensors order.
         f0, f1, f2 = fixed.tolist()
