@@ -473,10 +473,12 @@ def time_train_step(layout, user_vocabs, H, batch, device, reps, warmup) -> dict
     return out
 
 
-def loader_rate(smoke: bool) -> dict:
+def loader_rate(smoke: bool, device: torch.device) -> dict:
     """engine.collate.Collator on one core (one torch thread), batches of 256 users at the paper's cap
     (128 long-term + 128 short-term words per user, benchmarks/bench_data.py): users/s per host core
-    (target >= 50,000).  Needs numba and pyarrow; skipped with a note where they are missing."""
+    (target >= 50,000); then engine.data.TrainLoader as the trainer runs it on this host (its automatic
+    number of collate threads, pinned buffers, one copy to ``device`` per batch): users/s delivered.
+    Needs numba and pyarrow; skipped with a note where they are missing."""
     try:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import bench_data
@@ -501,8 +503,29 @@ def loader_rate(smoke: bool) -> dict:
         sec = time.perf_counter() - t
     finally:
         torch.set_num_threads(threads)
-    return {"users": B * n_batches, "seconds": sec, "users_per_s_per_core": B * n_batches / sec,
-            "target_users_per_s_per_core": 50_000, "cpus": os.cpu_count()}
+    out = {"users": B * n_batches, "seconds": sec, "users_per_s_per_core": B * n_batches / sec,
+           "target_users_per_s_per_core": 50_000, "cpus": os.cpu_count()}
+
+    from engine.data import TrainBatches, TrainLoader, auto_workers, batch_layout
+
+    workers = max(1, auto_workers(-1, torch.device("cuda")))  # what the trainer picks on a GPU host (>= 1 here)
+    steps = n_batches + 4
+    loader = TrainLoader(TrainBatches(collator, batch_layout(B, 1), 0, 0, 0, steps), workers,
+                         pin_memory=device.type == "cuda", device=device)
+    it = iter(loader)
+    try:
+        for _ in range(4):  # threads started, first batches out
+            next(it)
+        sync(device)
+        t = time.perf_counter()
+        n = sum(next(it).batch_size for _ in range(n_batches))
+        sync(device)
+        sec = time.perf_counter() - t
+    finally:
+        loader.close()
+    out["train_loader"] = {"threads": workers, "device": str(device), "users": n, "seconds": sec,
+                           "users_per_s": n / sec}
+    return out
 
 
 def check_packed_transport(device: torch.device) -> dict:
@@ -700,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_step:
         results["train_step"] = section("time train step", lambda: time_train_step(layout, user_vocabs, H, batch,
                                                                                    device, reps, warmup))
-    results["loader"] = section("loader rate", lambda: loader_rate(smoke))
+    results["loader"] = section("loader rate", lambda: loader_rate(smoke, device))
     results["transport"] = section("packed batch transport", lambda: check_packed_transport(device))
     if results["transport"] is not None and not results["transport"]["ok"]:
         failed.append("transport: the unpacked batch differs from the batch moved tensor by tensor")

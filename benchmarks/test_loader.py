@@ -111,7 +111,7 @@ def test_numpy_baseline_builds_the_same_batch(datasets):
 
 @pytest.mark.parametrize("dataset", ["synth", "paper_max"])
 def test_loader_workers(benchmark, datasets, bench_full, dataset):
-    """Steady state: the clock starts once the workers are up and have delivered their first batches."""
+    """Steady state: the clock starts once the threads have delivered their first batches."""
     from engine.data import TrainBatches, TrainLoader, batch_layout
 
     data = datasets[dataset]
@@ -139,9 +139,9 @@ def test_loader_workers(benchmark, datasets, bench_full, dataset):
 
     benchmark.pedantic(run, setup=start, rounds=3 if bench_full else 1, iterations=1)
     assert counted["users"] == B * (steps - warm)
-    info = {"dataset": dataset, "workers": workers, "users_per_batch": B, "steps": steps - warm,
+    info = {"dataset": dataset, "threads": workers, "users_per_batch": B, "steps": steps - warm,
             "loadavg": os.getloadavg()[0]}
     if benchmark.stats is not None:
         sec = benchmark.stats.stats.median
-        info.update(users_per_s=B * (steps - warm) / sec, users_per_s_per_worker=B * (steps - warm) / sec / workers)
+        info.update(users_per_s=B * (steps - warm) / sec, users_per_s_per_thread=B * (steps - warm) / sec / workers)
     benchmark.extra_info.update(info)

@@ -28,8 +28,9 @@ def prefetch(typingctx, arr, idx):
         array = context.make_array(array_type)(context, builder, args[0])
         ptr = cgutils.get_item_pointer(context, builder, array_type, array, [args[1]], wraparound=False)
         i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
+        # declare_intrinsic mangles the name the way this llvmlite's LLVM expects (typed or opaque pointers).
+        fn = builder.module.declare_intrinsic("llvm.prefetch", [i8p],
+                                              ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]))
         # (address, rw = 0: read, locality = 3: keep in all levels, cache type = 1: data)
         builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
         return context.get_dummy_value()
@@ -56,8 +57,7 @@ def copy_items(typingctx, dst, dst_start, src, src_start, n):
         i8p, i64 = ir.IntType(8).as_pointer(), ir.IntType(64)
         itemsize = context.get_abi_sizeof(context.get_data_type(dst_type.dtype))
         nbytes = builder.mul(builder.sext(args[4], i64) if args[4].type.width < 64 else args[4], i64(itemsize))
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i8p, i64, ir.IntType(1)]), "llvm.memcpy.p0.p0.i64")
+        fn = builder.module.declare_intrinsic("llvm.memcpy", [i8p, i8p, i64])
         builder.call(fn, [builder.bitcast(dp, i8p), builder.bitcast(sp, i8p), nbytes, ir.IntType(1)(0)])
         return context.get_dummy_value()
 
