@@ -7,10 +7,10 @@ straight into one aligned buffer, which the trainer reads as views (on a GPU aft
 touches words or actions is an ``@njit`` function: collate runs once per step for every user in the
 batch and must never be what a GPU waits for.
 
-Two passes, each over the batch's users only: :func:`_plan` (sequence lengths, grid slots, the
-masked words, and how large each array is, to lay the buffer out), then :func:`_fill_segment` per
-segment (copy the user's rows, then the labels of its masked words while those rows are still in
-cache, and hint the next user's rows into cache).
+Two passes over the batch's users: :func:`_plan` (sequence lengths, grid slots, the masked words,
+and how large each array is; :func:`_layout` then places the arrays in the buffer), and
+:func:`_fill_segment` per segment (copy the user's rows, then the labels of its masked words while
+those rows are still in cache, and hint the next user's rows into cache).
 
 Masking (FORMATS.md §5): per user, ``n_mask = max(1, floor(select_prob * n + 0.5))`` of the user's
 n behaviour words (both segments together) are drawn uniformly without replacement (Floyd's
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from tokenizer.shards import TokenizedData
 
 NOT_SELECTED, SELECTED_KEEP, SELECTED_ZERO = 0, 1, 2
-STAMP_MAX_VOCAB = 1 << 22  # a stamp table of 4M int32 (16 MiB) is the most worth allocating per batch
+STAMP_MAX_VOCAB = 1 << 22  # a stamp table of 4M uint16 (8 MiB) per attribute is the most worth allocating per batch
 
 
 @njit(cache=True, inline="always")
@@ -339,8 +339,8 @@ class Collator:
         self._segments = [tuple(np.ascontiguousarray(a) for a in (seg.user_word_offsets, seg.word_pos, seg.word_len,
                                                                    seg.user_action_offsets, seg.attr_ids))
                           for seg in data.segments]
-        self._user_word_offsets = tuple(seg.user_word_offsets for seg in data.segments)
-        self._user_action_offsets = tuple(seg.user_action_offsets for seg in data.segments)
+        self._user_word_offsets = tuple(arrays[0] for arrays in self._segments)
+        self._user_action_offsets = tuple(arrays[3] for arrays in self._segments)
         self._n_attrs = tuple(seg.attr_ids.shape[1] for seg in data.segments)
         self._n_attrs_array = np.array(self._n_attrs, dtype=np.int64)
 
@@ -350,6 +350,10 @@ class Collator:
     def packed(self, users: np.ndarray, seed: int = 0) -> PackedBatch:
         users = np.ascontiguousarray(users, dtype=np.int64)
         B, U, Ks = users.shape[0], self.n_user_attr, self._n_attrs
+        if B and not (0 <= users.min() and users.max() < self.data.user_attr_ids.shape[0]):
+            # The Numba passes do not check bounds: a bad row would read outside the arrays.
+            raise IndexError(f"collate: user rows must lie in [0, {self.data.user_attr_ids.shape[0]}); "
+                             f"got {users.min()}..{users.max()}")
         seq_lens, T, flags, flag_start, slot_start, sizes = _plan(
             users, self._user_word_offsets, self._user_action_offsets, U, self.cfg.select_prob, self.cfg.zero_prob,
             seed)

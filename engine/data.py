@@ -210,13 +210,12 @@ class TrainLoader:
     """
 
     def __init__(self, dataset: TrainBatches, workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 4,
-                 seed: int = 0, device: torch.device | None = None):
+                 device: torch.device | None = None):
         self.dataset = dataset
         self.workers = workers
         self.ahead = max(1, workers * prefetch_factor)  # batches submitted but not yet taken
         self.device = device if device is not None and device.type == "cuda" else None
         self.pin = pin_memory and self.device is not None
-        self.seed = seed  # kept for the interface: the plan, not the loader, decides every batch
         self._pool: ThreadPoolExecutor | None = None
         self._pending: deque[Future] = deque()
         self._submitted = self._taken = 0

@@ -447,7 +447,7 @@ class Trainer:
                                tc.group_by_length)
         workers = auto_workers(tc.loader_workers, ctx.device, _local_world_size())
         pin = tc.pin_memory and ctx.device.type == "cuda"
-        loader = TrainLoader(dataset, workers, pin, tc.prefetch_factor, seed=tc.seed, device=ctx.device)
+        loader = TrainLoader(dataset, workers, pin, tc.prefetch_factor, device=ctx.device)
         metrics = MetricsLogger(self.run_dir, enabled=main, start_step=self.start_step)
         bar = Progress(tc.steps, self.start_step, enabled=main and self.progress)
         heads = [f"loss/{s.name}.{a}" for s in self.spec.segments for a in s.attributes]

@@ -239,3 +239,11 @@ def test_unpack_reads_a_buffer_that_starts_inside_its_storage():
     back = unpack_batch(type(packed)(shifted[64:], packed.spec))
     for x, y in zip(flat_tensors(unpack_batch(packed)), flat_tensors(back), strict=True):
         assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+
+
+def test_rows_outside_the_data_are_refused():
+    data = random_data(9)
+    collator = Collator(data, [0, 10])
+    for bad in ([0, 40], [-1, 3]):
+        with pytest.raises(IndexError, match="user rows must lie in"):
+            collator(np.array(bad), seed=0)
