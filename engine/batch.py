@@ -78,7 +78,7 @@ class Batch:
 # (Collator.packed; pack_batch does the same for any Batch): pinning is one call instead of dozens, a
 # GPU gets the batch in one host-to-device copy, and the tensors are views of the buffer (no copy).
 
-_ALIGN = 64  # every array starts on a cache line; also satisfies any dtype's alignment for .view()
+ALIGN = 64  # every array starts on a cache line; also satisfies any dtype's alignment for .view()
 
 
 @dataclass
@@ -113,7 +113,7 @@ class BufferLayout:
         for d in shape:
             n *= d
         self.entries.append((dtype, tuple(shape), offset))
-        self.nbytes += -(-n // _ALIGN) * _ALIGN
+        self.nbytes += -(-n // ALIGN) * ALIGN
         return offset
 
 

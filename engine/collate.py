@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from engine.batch import Batch, PackedBatch, unpack_batch
+from engine.batch import ALIGN, Batch, PackedBatch, unpack_batch
 from engine.intrinsics import copy_items, prefetch
 
 if TYPE_CHECKING:
@@ -125,8 +125,9 @@ def _plan(users, user_word_offsets, user_action_offsets, n_user_attr, select_pro
 
 @njit(cache=True, inline="always")
 def _reserve(end, nbytes):
-    """(offset, new end): room for ``nbytes`` at the next 64-byte boundary (engine.batch.BufferLayout's rule)."""
-    return end, end + (nbytes + 63) // 64 * 64
+    """(offset, new end): room for ``nbytes``, the next array starting on an ALIGN boundary (as in
+    engine.batch.BufferLayout)."""
+    return end, end + (nbytes + ALIGN - 1) // ALIGN * ALIGN
 
 
 @njit(cache=True, nogil=True)

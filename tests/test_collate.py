@@ -198,19 +198,24 @@ def test_packed_batch_round_trips_every_tensor(seed, select_prob):
 
 @pytest.mark.parametrize("select_prob", [0.15, 0.0])
 def test_collator_writes_the_packed_layout_directly(select_prob):
-    # What a worker sends (Collator.packed) holds the same tensors as packing the Batch afterwards, with
-    # every label list moved up against the previous one (no scratch space left in the sent bytes).
+    # Collate lays the buffer out itself (engine.collate._layout): every tensor inside the buffer, none
+    # overlapping another, each at a multiple of its item size, and the label lists of every segment and
+    # attribute back to back at the end (no scratch space left in the bytes a batch travels in).
     data = random_data(6, K=(2, 3, 1))
     users = np.random.default_rng(6).choice(data.num_users, 17, replace=False)
-    collator = Collator(data, [0, 10], CollateConfig(select_prob=select_prob))
-    packed = collator.packed(users, seed=4)
-    direct = unpack_batch(packed)
-    repacked = unpack_batch(pack_batch(direct))
-    assert direct.max_len == repacked.max_len
-    for x, y in zip(flat_tensors(direct), flat_tensors(repacked), strict=True):
-        assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
-    dtype, shape, offset = packed.spec[2][-1]  # the last label list ends the buffer
-    assert packed.buffer.numel() == offset + int(np.prod(shape)) * dtype.itemsize
+    packed = Collator(data, [0, 10], CollateConfig(select_prob=select_prob)).packed(users, seed=4)
+    Ks, _, entries = packed.spec
+    spans = sorted((o, o + int(np.prod(shape)) * dtype.itemsize) for dtype, shape, o in entries)
+    assert all(o % dtype.itemsize == 0 for dtype, _, o in entries)
+    assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:])), "tensors overlap"
+    assert spans[-1][1] == packed.buffer.numel()
+    label_lists, i = [], 3
+    for k in Ks:
+        label_lists += entries[i + 6 + k:i + 6 + 2 * k]
+        i += 6 + 2 * k
+    for (_, shape, o), (_, _, nxt) in zip(label_lists, label_lists[1:]):
+        assert o + shape[0] * 4 == nxt
+    assert label_lists[-1][2] + label_lists[-1][1][0] * 4 == packed.buffer.numel()
 
 
 def test_labels_stay_distinct_when_the_word_stamps_wrap():

@@ -29,17 +29,24 @@ from numba import njit
 INDEX_COLUMNS = ("stream", "partition", "offset", "rows", "key_bytes")
 
 
-@njit(cache=True, nogil=True)
-def scatter_fixed(
-    part: np.ndarray, n_parts: int, first: np.ndarray, keys: np.ndarray, codes: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover - compiled
-    """Rows grouped by partition (stable; part -1 = skip): (bounds [n_parts+1], first, keys, codes)."""
+@njit(cache=True, nogil=True, inline="always")
+def _partition_bounds(part: np.ndarray, n_parts: int) -> np.ndarray:  # pragma: no cover - compiled
+    """int64 [n_parts+1]: where each partition's rows start once grouped (part -1 = skip)."""
     bounds = np.zeros(n_parts + 1, np.int64)
     for i in range(part.shape[0]):
         if part[i] >= 0:
             bounds[part[i] + 1] += 1
     for p in range(n_parts):
         bounds[p + 1] += bounds[p]
+    return bounds
+
+
+@njit(cache=True, nogil=True)
+def scatter_fixed(
+    part: np.ndarray, n_parts: int, first: np.ndarray, keys: np.ndarray, codes: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """Rows grouped by partition (stable; part -1 = skip): (bounds [n_parts+1], first, keys, codes)."""
+    bounds = _partition_bounds(part, n_parts)
     m = bounds[n_parts]
     k = codes.shape[1]
     f_out = np.empty(m, np.int64)
@@ -62,12 +69,7 @@ def scatter_fixed(
 @njit(cache=True, nogil=True)
 def partition_order(part: np.ndarray, n_parts: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
     """Stable counting sort of rows by partition (-1: skip): (row order, offsets [n_parts+1])."""
-    counts = np.zeros(n_parts + 1, np.int64)
-    for i in range(part.shape[0]):
-        if part[i] >= 0:
-            counts[part[i] + 1] += 1
-    for p in range(n_parts):
-        counts[p + 1] += counts[p]
+    counts = _partition_bounds(part, n_parts)
     fill = counts[:-1].copy()
     order = np.empty(counts[n_parts], np.int64)
     for i in range(part.shape[0]):
