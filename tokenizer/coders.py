@@ -139,15 +139,17 @@ class Coder:
         x = column.cast(pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False)
         return bucket_codes(x, self._bounds)
 
-    def _encode_plain(self, column: pa.Array) -> tuple[np.ndarray, np.ndarray | None]:
+    def _encode_plain(self, column: pa.Array, distinct: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Codes of a plain (not dictionary-encoded) column; ``distinct``: its values are known to be
+        distinct (a dictionary), so dictionary-encoding it first would gain nothing."""
         valid = valid_of(column)
         t = column.type
         if pa.types.is_null(t):
             return np.zeros(len(column), np.int32), None
         if self.attr.kind == KIND_STR:
-            if len(column) > 4096:
+            if len(column) > 4096 and not distinct:
                 # Plain strings (CSV): Arrow's hash kernel dictionary-encodes them, and only the
-                # distinct values are checked and coded.
+                # distinct values are checked and coded (once: the dictionary is coded as it is).
                 return self._encode_dictionary(pc.dictionary_encode(column))
             offsets, data = string_buffers(column)
             bad = utf8_invalid(offsets, data)
@@ -172,7 +174,7 @@ class Coder:
         if self._dict_cache is not None and self._dict_cache[0] == key:
             dict_codes, dict_bad = self._dict_cache[1], self._dict_cache[2]
         else:
-            codes, bad = self._encode_plain(d)
+            codes, bad = self._encode_plain(d, distinct=True)
             # One extra slot for null indices: code 0 and not bad.
             dict_codes = np.append(codes, np.int32(0))
             dict_bad = np.append(bad if bad is not None else np.zeros(len(d), bool), False)

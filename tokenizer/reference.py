@@ -156,3 +156,82 @@ def encode(value: Any, vocab: list[Any]) -> int:
     """Id of a value: 2.. for known values, 1 for null and unknown."""
     ids = {v: i + 2 for i, v in enumerate(vocab)}
     return 1 if value is None else ids.get(value, 1)
+
+
+def segment_reference(
+    rows: list[dict[str, Any]],
+    *,
+    user: str,
+    time: str,
+    attributes: list[dict[str, Any]],
+    window: tuple[int, int],
+    timezone: str,
+    rule: str,
+    position_unit: str,
+    day_start_hour: int = 4,
+    gap_minutes: float = 30.0,
+    max_words: int = 128,
+    max_actions_per_word: int = 32,
+) -> tuple[dict[Any, list[tuple[int, list[tuple[Any, ...]]]]], dict[str, list[Any]], Counter]:
+    """One segment of a small log, every rule of FORMATS.md §2-3 in order.
+
+    ``rows`` hold the user id, the time in integer UTC microseconds (or None) and each attribute's
+    raw column; ``attributes`` are ``{"name", "column", "min_count", "max_vocab"}`` (column
+    ``@hour``/``@weekday`` for derived ones).  Returns (per user in id order: [(position, [the
+    kept actions' attribute values, None for unknown])], the vocabularies in id order, the
+    dropped rows by reason).
+    """
+    start, end = window
+    dropped: Counter = Counter()
+    good = []
+    for r in rows:
+        if r[user] is None or r[user] == "":
+            dropped["null_user"] += 1
+        elif r[time] is None:
+            dropped["null_time"] += 1
+        elif not start <= r[time] // 1_000_000 < end:
+            dropped["outside_window"] += 1
+        else:
+            good.append(r)
+
+    def value(r: dict[str, Any], a: dict[str, Any]) -> Any:
+        if a["column"] == "@hour":
+            return hour_of_day(r[time] // 1_000_000, timezone)
+        if a["column"] == "@weekday":
+            return weekday(r[time] // 1_000_000, timezone)
+        return r[a["column"]]
+
+    vocabs = {a["name"]: vocabulary([value(r, a) for r in good], a.get("min_count", 1), a.get("max_vocab"))
+              for a in attributes}
+    raw = sorted({a["column"] for a in attributes if not a["column"].startswith("@")})
+    kept, dropped["duplicate"] = drop_duplicates(good, [user, time, *raw])
+    words = all_words([r[user] for r in kept], [r[time] // 1_000_000 for r in kept], rule=rule,
+                      position_unit=position_unit, timezone=timezone, window_start_utc=start,
+                      day_start_hour=day_start_hour, gap_minutes=gap_minutes, max_words=max_words,
+                      max_actions_per_word=max_actions_per_word)
+    known = {name: set(v) for name, v in vocabs.items()}
+
+    def action(r: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(v if (v := value(r, a)) in known[a["name"]] else None for a in attributes)
+
+    values = {u: [(pos, [action(kept[i]) for i in idx]) for pos, idx in ws] for u, ws in words.items()}
+    return values, vocabs, +dropped
+
+
+def decoded_words(data: Any, segment: str) -> dict[Any, list[tuple[int, list[tuple[Any, ...]]]]]:
+    """A tokenized dataset's words of one segment in :func:`segment_reference`'s form (ids decoded
+    through the vocabularies; unknown is None), for users with at least one word."""
+    seg = data.segment(segment)
+    vocab = {a: [None, None] + data.vocab(segment, a).to_pylist() for a in seg.attributes}
+    wo = seg.word_offsets()
+    out = {}
+    for u, uid in enumerate(data.user_ids.to_pylist()):
+        w0, w1 = int(seg.user_word_offsets[u]), int(seg.user_word_offsets[u + 1])
+        if w0 == w1:
+            continue
+        out[uid] = [
+            (int(seg.word_pos[w]),
+             [tuple(vocab[a][int(x)] for a, x in zip(seg.attributes, row)) for row in seg.attr_ids[wo[w]: wo[w + 1]]])
+            for w in range(w0, w1)
+        ]
+    return out
