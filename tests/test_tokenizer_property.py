@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tokenizer import reference, shards
+from tokenizer.io import InputError
 from tokenizer.manifest import check_accounting
 from tokenizer.pipeline import tokenize
 from tokenizer.schema import schema_from_dict
@@ -161,10 +162,15 @@ def test_tokenizer_equals_reference(tmp_path_factory, log, rule, max_words, cap,
            "attributes": [{"name": "kind"}, {"name": "shop", "min_count": 2}, {"name": "hour", "column": "@hour"}]}
     schema = schema_from_dict({"data": {"window_start": WINDOW[0], "window_end": WINDOW[1], "timezone": tz},
                                "segments": {"ev": seg}}, root)
-    m = tokenize(schema, root / "tok", progress=False, batch_rows=batch_rows, task_rows=max(1, len(rows) // 2),
-                 workers=workers, spill=spill, shard_users=shard_users)
-    data = open_tokenized(root / "tok", verify=True)
     values, vocabs, dropped = _expected(rows, tz, seg)
+    run = dict(progress=False, batch_rows=batch_rows, task_rows=max(1, len(rows) // 2), workers=workers, spill=spill,
+               shard_users=shard_users)
+    if rows and sum(dropped.values()) - dropped["duplicate"] == len(rows):
+        with pytest.raises(InputError, match="no event was kept"):  # a run that keeps nothing fails loudly
+            tokenize(schema, root / "tok", **run)
+        return
+    m = tokenize(schema, root / "tok", **run)
+    data = open_tokenized(root / "tok", verify=True)
     bits = m["sharding"]["shard_bits"]
     assert data.user_ids.to_pylist() == reference.user_order(values, bits)
     assert _actual(data, "ev") == values

@@ -43,6 +43,32 @@ from tokenizer.vocab import Vocab
 _EPOCH_WEEKDAY = 3  # 1970-01-01 was a Thursday (Monday = 0)
 
 
+class IntRangeError(ValueError):
+    """An unsigned 64-bit value above int64's range, at ``row`` of the batch column."""
+
+    def __init__(self, row: int, value: int, column: str | None = None) -> None:
+        super().__init__(row, value)
+        self.row, self.value, self.column = row, value, column
+
+    def located(self, path: object, first_row: int) -> InputError:
+        """The error a user sees: file, row and column, and what to do."""
+        return InputError(f"{path}: row {first_row + self.row} (0-based): column {self.column!r} holds {self.value}, "
+                          "beyond the int64 range integer ids and values are kept in; store the column as strings "
+                          "(or as int64)")
+
+
+def as_int64(arr: pa.Array) -> pa.Array:
+    """An integer (or boolean) column as int64; uint64 values past 2**63 - 1 raise :class:`IntRangeError`."""
+    if arr.type == pa.int64():
+        return arr
+    if arr.type == pa.uint64():
+        big = pc.greater(arr, pa.scalar(2**63 - 1, pa.uint64())).fill_null(False)
+        if pc.any(big).as_py():
+            row = int(pc.index(big, True).as_py())
+            raise IntRangeError(row, arr[row].as_py())
+    return arr.cast(pa.int64())
+
+
 def valid_of(arr: pa.Array) -> np.ndarray:
     if arr.null_count == 0:
         return np.ones(len(arr), bool)
@@ -127,9 +153,13 @@ class Coder:
             column = column.combine_chunks()
         if a.kind == KIND_FIXED:
             return self._buckets(column), None
-        if pa.types.is_dictionary(column.type):
-            return self._encode_dictionary(column)
-        return self._encode_plain(column)
+        try:
+            if pa.types.is_dictionary(column.type):
+                return self._encode_dictionary(column)
+            return self._encode_plain(column)
+        except IntRangeError as e:
+            e.column = a.column
+            raise
 
     def _buckets(self, column: pa.Array) -> np.ndarray:
         if pa.types.is_dictionary(column.type):
@@ -159,10 +189,7 @@ class Coder:
             f = column.cast(pa.float64()).to_numpy(zero_copy_only=False)
             nan = np.isnan(f)
             return self.table.codes(float_keys(np.where(nan, 0.0, f)), valid & ~nan), None
-        if pa.types.is_boolean(t):
-            column = column.cast(pa.int64())
-        elif t != pa.int64():
-            column = column.cast(pa.int64())
+        column = as_int64(column)
         buf = column.buffers()[1]
         values = np.frombuffer(buf, np.int64, count=len(column), offset=column.offset * 8)
         return self.table.codes(values, valid), None

@@ -46,6 +46,9 @@ def build_manifest(
             "num_positions": num_positions,
             "max_words": seg.spec.max_words,
         }
+        if seg.read is not None and seg.read.is_open:  # edges the schema left out, taken from the data
+            seg_meta[name]["window_from_data"] = [k for k, o in (("window_start", seg.read.open_start),
+                                                                 ("window_end", seg.read.open_end)) if o]
     unrouted = sum(n for r in results for n in r["unrouted"].values())
     counts["events_read"] = events_read + unrouted
     counts["events_unrouted"] = unrouted

@@ -150,6 +150,8 @@ def segment_words(ctx: WordsContext, unit: Unit, seg: SegmentPlan) -> SegmentWor
     spec = seg.spec
     k = len(seg.attrs)
     rows = _read(ctx, unit, seg.index, k)
+    if seg.time_shift:  # spilled from the reading anchor; positions count from the resolved start
+        rows.first = rows.first + (np.int64(seg.time_shift) << np.int64(32))
     users, uidx = _local_users(rows, ctx.shard_bits)
     lk = ctx.lookups[seg.index]
     t0 = seg.window[0]

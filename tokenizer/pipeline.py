@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from tokenizer.coders import GlobalCodes, build_vocab, ids_for_vocab, merge_codes
+from tokenizer.diagnosis import capping_warnings, check_kept, resolve_windows
 from tokenizer.hashing import hll_estimate
 from tokenizer.io import DEFAULT_BATCH_ROWS
 from tokenizer.manifest import build_manifest
@@ -372,6 +373,8 @@ class _Run:
             if not path.is_file() or path.stat().st_size != r["spill_size"]:
                 raise OSError(f"{path}: spill file missing or truncated; delete {work} and run again")
             self.spills.append((path, r["index"]))
+        resolve_windows(plan, self.results)
+        self.warnings = check_kept(plan, self.results)
         self.stats["spill_bytes"] = sum(r["spill_size"] for r in self.results)
         self.stats["partitions"] = 1 << self.part_bits
 
@@ -432,6 +435,9 @@ class _Run:
         opts, out = self.opts, self.out
         manifest = build_manifest(self.plan, self.plan.schema, self.results, self.unit_results, self.vocabs,
                                   self.shard_bits, opts.shard_users)
+        warnings = self.warnings + capping_warnings(self.plan, manifest["counts"])
+        if warnings:
+            manifest["warnings"] = warnings
         if opts.num_shards == 1:
             atomic_write_json(out / MANIFEST, manifest)
             keep = {Path(s["file"]).name for s in manifest["shards"]}

@@ -12,10 +12,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import gzip
 import hashlib
 import json
 import os
+import zoneinfo
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,13 @@ import pyarrow.parquet as pq
 from tokenizer.io import InputError, check_columns, file_format, is_stringy, resolve_inputs
 from tokenizer.schema import DERIVED_COLUMNS, SchemaConfig, SegmentSpec
 from tokenizer.timecols import LocalClock, check_time_type
+from tokenizer.window import ReadWindow, read_window, resolve
+
+
+def _local_start(timezone: str, t: int) -> int:
+    """Local wall-clock seconds of UTC second t."""
+    return int(LocalClock(timezone, t - 86400, t + 86400)(np.array([t]))[0])
+
 
 USER = "user"  # the vocabulary namespace of user attributes (vocab/user.<name>.arrow)
 KIND_STR, KIND_INT, KIND_FLOAT, KIND_FIXED = "str", "int", "float", "fixed"
@@ -61,10 +70,12 @@ class SegmentPlan:
     source: int  # index into Plan.sources
     user_column: str
     attrs: list[AttrPlan]
-    window: tuple[int, int]  # [start, end) UTC epoch seconds
+    window: tuple[int, int]  # [start, end) UTC epoch seconds; while reading, the range read (tokenizer/window.py)
     window_start_local: int
     timezone: str
     needs_local: bool  # daily rule, day positions (words); derived attributes (reading)
+    read: ReadWindow | None = None  # the range the reading pass accepts, and which edges are open
+    time_shift: int = 0  # seconds from the reading anchor to the resolved window start (words pass)
 
     @property
     def name(self) -> str:
@@ -73,6 +84,21 @@ class SegmentPlan:
     @property
     def derived(self) -> bool:
         return any(a.derived for a in self.attrs)
+
+    def resolve_window(self, first: int | None, last: int | None) -> None:
+        """After the reading pass: the window with open edges taken from the data (tokenizer/window.py);
+        the segment's spec then names it, so the manifest records it."""
+        rw, spec = self.read, self.spec
+        tz = zoneinfo.ZoneInfo(self.timezone)
+        given = (None if rw.open_start else rw.lo, None if rw.open_end else rw.hi)
+        start, end = resolve(self.name, rw, given, first, last, spec.position_unit, spec.day_start_hour,
+                             self.timezone)
+        self.window = (start, end)
+        self.window_start_local = _local_start(self.timezone, start)
+        self.time_shift = rw.lo - start
+        for key, t, was_open in (("window_start", start, rw.open_start), ("window_end", end, rw.open_end)):
+            if was_open:
+                setattr(spec, key, dt.datetime.fromtimestamp(t, tz).replace(tzinfo=None).isoformat())
 
     def clock(self) -> LocalClock:
         start, end = self.window
@@ -297,12 +323,13 @@ def plan_inputs(schema: SchemaConfig, task_rows: int | None = None, workers: int
                                      f"segment {other!r}")
                 src.routes.append((v, index))
         start, end = schema.window_seconds(spec)
-        if end - start >= 2**31:  # event times are kept as int32 seconds from the window start
+        if start is not None and end is not None and end - start >= 2**31:  # int32 seconds from the start
             raise InputError(f"segments.{name}: the window is longer than 68 years")
+        rw = read_window(start, end)
         needs_local = spec.word_rule == "daily" or spec.position_unit == "day"
-        clock = LocalClock(schema.data.timezone, start - 86400, start + 86400)
-        seg_plans.append(SegmentPlan(spec, index, source_of[key], user_col, attrs, (start, end),
-                                     int(clock(np.array([start]))[0]), schema.data.timezone, needs_local))
+        seg_plans.append(SegmentPlan(spec, index, source_of[key], user_col, attrs, (rw.lo, rw.hi),
+                                     _local_start(schema.data.timezone, rw.lo), schema.data.timezone, needs_local,
+                                     rw))
 
     users = None
     if schema.data.users:

@@ -95,5 +95,11 @@ def summary(manifest: dict[str, Any], stats: dict[str, Any]) -> str:
     extra.append(f"peak RSS {peak_rss_bytes() / 2**20:,.0f} MiB (limit {stats.get('memory_limit', 0) / 2**20:,.0f})")
     extra.append(f"spill {stats.get('spill_bytes', 0) / 2**20:,.0f} MiB in {stats.get('partitions', 0)} partitions")
     lines.append("  " + "   ".join(extra))
+    for name, meta in manifest["segments"].items():
+        if meta.get("window_from_data"):
+            seg = manifest["schema"]["segments"][name]
+            lines.append(f"  window of {name} from the data ({', '.join(meta['window_from_data'])}): "
+                         f"{seg['window_start']} to {seg['window_end']} ({manifest['schema']['data']['timezone']})")
+    lines.extend(f"  WARNING {w}" for w in manifest.get("warnings", []))
     return "\n".join(lines)
 

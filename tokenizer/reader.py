@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tokenizer.coders import Coder, valid_of
+from tokenizer.coders import Coder, IntRangeError, as_int64, valid_of
 from tokenizer.hashing import (
     HLL_BITS,
     IntTable,
@@ -113,9 +113,20 @@ class StreamState:
     reasons: tuple[str, ...]
     rows: int = 0  # rows counted by this job
     dropped: np.ndarray = field(default_factory=lambda: np.zeros(len(REASONS), np.int64))
+    # First and last time (UTC seconds), over every job's rows, of the rows with a user and a valid
+    # time ("timed": a run that keeps nothing is diagnosed with it) and of those within the window
+    # edges the schema gives ("in": open edges are resolved from it, tokenizer/window.py).
+    span: dict[str, list[int]] = field(default_factory=dict)
+
+    def seen(self, key: str, t_sec: np.ndarray) -> None:
+        if len(t_sec):
+            lo, hi = int(t_sec.min()), int(t_sec.max())
+            old = self.span.get(key)
+            self.span[key] = [lo, hi] if old is None else [min(old[0], lo), max(old[1], hi)]
 
     def result(self) -> dict[str, Any]:
-        return {"rows": self.rows, "dropped": {r: int(self.dropped[i]) for i, r in enumerate(self.reasons)}}
+        return {"rows": self.rows, "dropped": {r: int(self.dropped[i]) for i, r in enumerate(self.reasons)},
+                "span": self.span}
 
 
 @dataclass
@@ -138,7 +149,7 @@ class UserKeys:
         return UserKeys(self.h[rows], self.ok[rows], self.null[rows], self.bad_utf8[rows], None, offsets, data)
 
 
-def user_keys(arr: pa.Array) -> UserKeys:
+def user_keys(arr: pa.Array, column: str | None = None) -> UserKeys:
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     if pa.types.is_dictionary(arr.type):
@@ -149,8 +160,11 @@ def user_keys(arr: pa.Array) -> UserKeys:
         z = np.zeros(n, bool)
         return UserKeys(np.zeros(n, np.uint64), z, ~z, z, np.zeros(n, np.int64), None, None)
     if type_family(arr.type) == KIND_INT:
-        if arr.type != pa.int64():
-            arr = arr.cast(pa.int64())
+        try:
+            arr = as_int64(arr)
+        except IntRangeError as e:
+            e.column = column
+            raise
         buf = arr.buffers()[1]
         values = np.frombuffer(buf, np.int64, count=n, offset=arr.offset * 8) if buf else np.zeros(n, np.int64)
         z = np.zeros(n, bool)
@@ -204,7 +218,10 @@ class TaskReader:
                 ):
                     if self.opts.cancel is not None and self.opts.cancel.is_set():
                         raise InterruptedError("cancelled")
-                    self._batch(piece.source, path, row, batch)
+                    try:
+                        self._batch(piece.source, path, row, batch)
+                    except IntRangeError as e:
+                        raise e.located(path, row) from None
                     self.piece_rows[-1] += batch.num_rows
                     if self.opts.progress is not None:
                         self.opts.progress(batch.num_rows)
@@ -222,7 +239,8 @@ class TaskReader:
             return
         self.rows_read += batch.num_rows
         self.source_rows[source] = self.source_rows.get(source, 0) + batch.num_rows
-        keys = user_keys(batch.column(self.plan.segments[src.segments[0]].user_column))
+        user_col = self.plan.segments[src.segments[0]].user_column
+        keys = user_keys(batch.column(user_col), user_col)
         # Every usable id counts towards the number of users, routed or not: the count must be
         # the same as the one --num-shards jobs make from the user column alone.
         hll_update(self.hll, keys.h, keys.ok)
@@ -304,7 +322,12 @@ class TaskReader:
         utf8_cols: list[tuple[str, np.ndarray]] = []
         for k, (attr, coder) in enumerate(zip(seg.attrs, state.coders)):
             col = batch.column(attr.column) if attr.column is not None else None
-            c, bu = coder.encode(col, t_local)
+            try:
+                c, bu = coder.encode(col, t_local)
+            except IntRangeError as e:
+                if rows is not None:  # a row of the routed subset: name its row in the file
+                    e.row = int(rows[e.row])
+                raise
             codes[:, k] = c
             if bu is not None:
                 bad_utf8 |= bu
@@ -315,7 +338,17 @@ class TaskReader:
         for m in (bad_utf8, t_null, t_bad):
             masks.append(m & ~taken)
             taken |= m
-        outside = ~taken & ((t_sec < start) | (t_sec >= end))
+        timed = ~taken
+        state.seen("timed", t_sec[timed])
+        rw = seg.read
+        if rw.is_open:  # rows within the edges the schema gives; the data decides the others
+            inside = timed
+            if not rw.open_start:
+                inside = inside & (t_sec >= start)
+            if not rw.open_end:
+                inside = inside & (t_sec < end)
+            state.seen("in", t_sec[inside])
+        outside = timed & ((t_sec < start) | (t_sec >= end))
         masks.append(outside)
         bad = taken | outside
         mine = self._mine(keys)
@@ -354,7 +387,7 @@ class TaskReader:
         up = self.plan.users
         state = self.streams[self.user_stream]
         n = batch.num_rows
-        keys = user_keys(batch.column(up.user_column))
+        keys = user_keys(batch.column(up.user_column), up.user_column)
         codes = np.empty((n, len(up.attrs)), np.int32)
         bad_utf8 = keys.bad_utf8.copy()
         utf8_cols: list[tuple[str, np.ndarray]] = []
@@ -497,8 +530,11 @@ def count_users(plan: Plan, batch_rows: int = 1 << 18, progress: Callable[[int],
     for si, src in enumerate(plan.sources):
         col = plan.users.user_column if src.is_users else plan.segments[src.segments[0]].user_column
         for f in src.files:
-            for _, batch in iter_piece(f, [col], batch_rows=batch_rows):
-                keys = user_keys(batch.column(0))
+            for first_row, batch in iter_piece(f, [col], batch_rows=batch_rows):
+                try:
+                    keys = user_keys(batch.column(0), col)
+                except IntRangeError as e:
+                    raise e.located(f, first_row) from None
                 hll_update(hll, keys.h, keys.ok)
                 if not src.is_users:
                     rows[si] = rows.get(si, 0) + batch.num_rows

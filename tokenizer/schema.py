@@ -141,8 +141,10 @@ class UserAttributeSpec:
 
 @dataclass
 class DataSpec:
-    window_start: str  # ISO wall-clock time in `timezone`, e.g. "2026-01-01T00:00:00"
-    window_end: str
+    # ISO wall-clock times in `timezone`, e.g. "2026-01-01T00:00:00".  Either may be left out: the
+    # tokenizer then takes it from the data (docs/TOKENIZER.md, "The window").
+    window_start: str | None = None
+    window_end: str | None = None
     timezone: str = "UTC"
     users: str | None = None  # optional user table (Parquet, CSV or Arrow IPC)
     user_column: str = "user_id"
@@ -152,9 +154,9 @@ class DataSpec:
             zoneinfo.ZoneInfo(self.timezone)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):
             raise ConfigError(f"timezone: unknown time zone {self.timezone!r}") from None
-        start = parse_time(self.window_start, self.timezone, "window_start")
-        end = parse_time(self.window_end, self.timezone, "window_end")
-        if end <= start:
+        start = parse_time(self.window_start, self.timezone, "window_start") if self.window_start else None
+        end = parse_time(self.window_end, self.timezone, "window_end") if self.window_end else None
+        if start is not None and end is not None and end <= start:
             raise ConfigError(f"window_end: must be after window_start ({self.window_end} <= {self.window_start})")
 
 
@@ -175,8 +177,10 @@ class SchemaConfig:
             for key in ("window_start", "window_end"):
                 value = getattr(seg, key) or getattr(self.data, key)
                 setattr(seg, key, value)
-                parse_time(value, self.data.timezone, f"segments.{name}.{key}")
-            if self.window_seconds(seg)[1] <= self.window_seconds(seg)[0]:
+                if value is not None:
+                    parse_time(value, self.data.timezone, f"segments.{name}.{key}")
+            start, end = self.window_seconds(seg)
+            if start is not None and end is not None and end <= start:
                 raise ConfigError(f"segments.{name}.window_end: must be after window_start")
         names = [u.name for u in self.user_attributes]
         dup = {n for n in names if names.count(n) > 1}
@@ -184,14 +188,18 @@ class SchemaConfig:
             raise ConfigError(f"user_attributes: duplicate name {sorted(dup)[0]!r}")
 
     # -- derived values ---------------------------------------------------------------
-    def window_seconds(self, seg: SegmentSpec) -> tuple[int, int]:
-        """The segment's window as [start, end) in UTC epoch seconds."""
+    def window_seconds(self, seg: SegmentSpec) -> tuple[int | None, int | None]:
+        """The segment's window as [start, end) in UTC epoch seconds; None where the schema leaves an
+        edge to the data (a tokenized dataset's manifest holds the resolved window)."""
         tz = self.data.timezone
-        return (parse_time(seg.window_start, tz, "window_start"), parse_time(seg.window_end, tz, "window_end"))
+        return (parse_time(seg.window_start, tz, "window_start") if seg.window_start else None,
+                parse_time(seg.window_end, tz, "window_end") if seg.window_end else None)
 
     def num_positions(self, seg: SegmentSpec) -> int:
         """How many position ids the segment's window can produce (the position table size)."""
         start, end = self.window_seconds(seg)
+        if start is None or end is None:
+            raise ValueError(f"segments.{seg.name}: the window is not resolved yet")
         if seg.position_unit == "hour":
             return (end - start + 3599) // 3600
         # Daily positions count wall-clock 04:00-to-04:00 days, so count them in local time: a window
