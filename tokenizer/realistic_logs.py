@@ -171,24 +171,45 @@ def schema_dict(path: str = "events", **segment_extra) -> dict:
     }
 
 
-def write_logs(out: Path, shape: LogShape, fmt: str = "parquet", *, dictionary: bool = False,
-               large_string: bool = False) -> Path:
+STRING_ENCODINGS = ("plain", "dictionary", "large", "view")
+
+
+def _fits_int32(col: pa.ChunkedArray) -> bool:
+    lo, hi = pc.min_max(col).values()
+    return lo.as_py() is None or (-(2**31) <= lo.as_py() and hi.as_py() < 2**31)
+
+
+def _encode_strings(table: pa.Table, encoding: str) -> pa.Table:
+    """String columns as plain ``string``, Arrow ``dictionary<int32, string>``, ``large_string`` or
+    ``string_view``."""
+    to = {"plain": pa.string(), "dictionary": pa.dictionary(pa.int32(), pa.string()), "large": pa.large_string(),
+          "view": pa.string_view()}[encoding]
+    fields = [pa.field(f.name, to if pa.types.is_string(f.type) else f.type) for f in table.schema]
+    return table.cast(pa.schema(fields))
+
+
+def write_logs(out: Path, shape: LogShape, fmt: str = "parquet", encoding: str = "plain",
+               int_width: int = 64) -> Path:
     """Write the log under ``out/events/`` in one format and ``out/schema.toml``; returns ``out``.
 
-    ``fmt``: ``parquet`` (``dictionary``: string columns dictionary-encoded, as most writers do;
-    ``large_string``: 64-bit offsets), ``csv`` or ``ipc`` (Arrow IPC files)."""
+    ``fmt``: ``parquet``, ``csv`` or ``ipc`` (Arrow IPC files).  ``encoding`` (Parquet and IPC): how
+    string columns are stored (:data:`STRING_ENCODINGS`; Parquet uses dictionary pages only for
+    ``dictionary``).  ``int_width``: 32 stores the integer ids (users, items, shops, queries) as int32,
+    where they fit."""
     out = Path(out)
     ev = out / "events"
     ev.mkdir(parents=True, exist_ok=True)
+    if encoding not in STRING_ENCODINGS:
+        raise ValueError(f"encoding: one of {STRING_ENCODINGS}, got {encoding!r}")
     for f, table in enumerate(generate_tables(shape)):
-        if large_string:
-            table = table.cast(pa.schema([pa.field(fl.name, pa.large_string() if fl.type == pa.string() else fl.type)
-                                          for fl in table.schema]))
+        if int_width == 32:
+            table = table.cast(pa.schema([pa.field(fl.name, pa.int32() if fl.type == pa.int64() and _fits_int32(
+                table.column(fl.name)) else fl.type) for fl in table.schema]))
+        if fmt != "csv":
+            table = _encode_strings(table, encoding)
         if fmt == "parquet":
-            strings = [fl.name for fl in table.schema if pa.types.is_string(fl.type) or
-                       pa.types.is_large_string(fl.type)]
             pq.write_table(table, ev / f"part-{f:03d}.parquet", row_group_size=shape.row_group_rows,
-                           use_dictionary=strings if dictionary else False)
+                           use_dictionary=encoding == "dictionary")
         elif fmt == "csv":
             pacsv.write_csv(table.set_column(1, "ts", table.column("ts").cast(pa.int64())), ev / f"part-{f:03d}.csv")
         elif fmt == "ipc":
@@ -201,5 +222,6 @@ def write_logs(out: Path, shape: LogShape, fmt: str = "parquet", *, dictionary: 
     schema = schema_from_dict(schema_dict(glob, **extra), out)
     (out / "schema.toml").write_text(schema.to_toml())
     load_schema(out / "schema.toml")
-    (out / "SHAPE.json").write_text(json.dumps({**asdict(shape), "format": fmt}, indent=2) + "\n")
+    (out / "SHAPE.json").write_text(json.dumps({**asdict(shape), "format": fmt, "encoding": encoding,
+                                                "int_width": int_width}, indent=2) + "\n")
     return out

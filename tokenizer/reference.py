@@ -176,8 +176,8 @@ def segment_reference(
     """One segment of a small log, every rule of FORMATS.md §2-3 in order.
 
     ``rows`` hold the user id, the time in integer UTC microseconds (or None) and each attribute's
-    raw column; ``attributes`` are ``{"name", "column", "min_count", "max_vocab"}`` (column
-    ``@hour``/``@weekday`` for derived ones).  Returns (per user in id order: [(position, [the
+    raw column; ``attributes`` are ``{"name", "column", "min_count", "max_vocab", "buckets"}``
+    (column ``@hour``/``@weekday`` for derived ones).  Returns (per user in id order: [(position, [the
     kept actions' attribute values, None for unknown])], the vocabularies in id order, the
     dropped rows by reason).
     """
@@ -199,6 +199,8 @@ def segment_reference(
             return hour_of_day(r[time] // 1_000_000, timezone)
         if a["column"] == "@weekday":
             return weekday(r[time] // 1_000_000, timezone)
+        if a.get("buckets") is not None:
+            return bucket(r[a["column"]], a["buckets"])
         return r[a["column"]]
 
     vocabs = {a["name"]: vocabulary([value(r, a) for r in good], a.get("min_count", 1), a.get("max_vocab"))
