@@ -205,8 +205,11 @@ def segment_reference(
 
     vocabs = {a["name"]: vocabulary([value(r, a) for r in good], a.get("min_count", 1), a.get("max_vocab"))
               for a in attributes}
-    raw = sorted({a["column"] for a in attributes if not a["column"].startswith("@")})
-    kept, dropped["duplicate"] = drop_duplicates(good, [user, time, *raw])
+    # Duplicates are equal in user, time and every attribute's value (bucketed: its bucket).
+    read = [a for a in attributes if not a["column"].startswith("@")]
+    keyed = [{"_row": r, "_key": (r[user], r[time], *(value(r, a) for a in read))} for r in good]
+    kept_keyed, dropped["duplicate"] = drop_duplicates(keyed, ["_key"])
+    kept = [k["_row"] for k in kept_keyed]
     words = all_words([r[user] for r in kept], [r[time] // 1_000_000 for r in kept], rule=rule,
                       position_unit=position_unit, timezone=timezone, window_start_utc=start,
                       day_start_hour=day_start_hour, gap_minutes=gap_minutes, max_words=max_words,
