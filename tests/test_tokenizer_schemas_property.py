@@ -208,7 +208,8 @@ def test_random_schemas_equal_the_reference(tmp_path_factory, case, batch_rows, 
         rows.append(r)
     window = _resolved(case, rows)
     run = dict(progress=False, batch_rows=batch_rows, workers=workers, task_rows=max(1, len(rows) // 2))
-    event(f"format {case['fmt']}, time {case['time']}, window {['given' if e is not None else 'open' for e in case['window']]}")
+    edges = ["given" if e is not None else "open" for e in case["window"]]
+    event(f"format {case['fmt']}, time {case['time']}, window {edges}")
     if window is None:  # nothing inside the window: the run fails loudly
         event("no event kept")
         with pytest.raises(InputError, match="no event was kept"):
