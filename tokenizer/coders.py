@@ -113,12 +113,13 @@ def _count(codes: np.ndarray, column: int, good: np.ndarray, counts: np.ndarray)
 class Coder:
     """Task codes of one attribute: ``encode`` a batch column, ``values`` in code order."""
 
-    def __init__(self, attr: AttrPlan, seed: Vocab | None = None) -> None:
+    def __init__(self, attr: AttrPlan, seed: Vocab | None = None, table: IntTable | StrTable | None = None) -> None:
+        """``table``: a value table shared with coders of the same column (of other segments)."""
         self.attr = attr
-        self.table: IntTable | StrTable | None = None
-        if attr.kind == KIND_STR:
+        self.table: IntTable | StrTable | None = table
+        if table is None and attr.kind == KIND_STR:
             self.table = StrTable()
-        elif attr.kind in (KIND_INT, KIND_FLOAT):
+        elif table is None and attr.kind in (KIND_INT, KIND_FLOAT):
             self.table = IntTable()
         self.counts = np.zeros(max(attr.domain + 1, 1024), np.int64)
         self._bounds = np.asarray(attr.buckets if attr.buckets is not None else [], np.float64)

@@ -143,6 +143,9 @@ def hll_estimate(registers: np.ndarray) -> float:
 
 
 # -- growable hash tables ------------------------------------------------------------------------
+_BLOCK = 32  # keys looked up together: their table reads are issued before any is used (see _touch_block)
+
+
 @njit(cache=True, nogil=True)
 def _int_lookup(slots, values, size, arr, valid, out, start, insert):  # pragma: no cover - compiled
     """Codes of arr[start:] (0 for invalid; -1 when absent and not inserting).
@@ -152,7 +155,15 @@ def _int_lookup(slots, values, size, arr, valid, out, start, insert):  # pragma:
     """
     mask = np.uint64(slots.shape[0] - 1)
     limit = min(slots.shape[0] // 2, values.shape[0])
+    touched = np.zeros(1, np.int64)  # keeps the block reads (see _touch_block)
     for i in range(start, arr.shape[0]):
+        if (i - start) % _BLOCK == 0:  # read the block's first slots and entries before using any
+            acc = np.int64(0)
+            for j in range(i, min(i + _BLOCK, arr.shape[0])):
+                e = slots[fmix64(np.uint64(arr[j])) & mask]
+                if e >= 0:
+                    acc ^= values[e]
+            touched[0] ^= acc
         if not valid[i]:
             out[i] = 0
             continue
@@ -189,18 +200,45 @@ def _int_rehash(values, size, slots):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
+def _touch_block(ent_hash, ent_off, arena, slots, offsets, data, valid, hashes, a, b, mask):  # pragma: no cover
+    """Hash keys a..b-1 and read the table lines their lookups will need (first slot, the entry's
+    hash and offset, the start of its bytes).  The reads do not depend on one another, so the CPU
+    overlaps their cache misses; the exact lookup that follows then finds them in cache.  On a
+    table larger than the cache this is most of a lookup's time (one miss after another)."""
+    acc = np.uint64(0)
+    for i in range(a, b):
+        hashes[i - a] = _bytes_hash(data, offsets[i], offsets[i + 1]) if valid[i] else np.uint64(0)
+    for i in range(a, b):
+        e = slots[hashes[i - a] & mask]
+        if e >= 0:
+            acc ^= ent_hash[e] ^ np.uint64(ent_off[e])
+    for i in range(a, b):
+        e = slots[hashes[i - a] & mask]
+        if e >= 0:
+            acc ^= np.uint64(arena[ent_off[e]])
+    return acc
+
+
+@njit(cache=True, nogil=True)
 def _str_lookup(ent_hash, ent_off, arena, slots, size, offsets, data, valid, out, start, insert):  # pragma: no cover
     """Like _int_lookup for strings; also stops when the entry arrays or the arena are full."""
     mask = np.uint64(slots.shape[0] - 1)
     limit = min(slots.shape[0] // 2, ent_hash.shape[0])
     used = ent_off[size]
-    for i in range(start, offsets.shape[0] - 1):
+    n_keys = offsets.shape[0] - 1
+    hashes = np.empty(_BLOCK + 1, np.uint64)  # the last slot keeps the touched values (so they are read)
+    block_start = block_end = start
+    for i in range(start, n_keys):
+        if i == block_end:
+            block_start, block_end = i, min(i + _BLOCK, n_keys)
+            hashes[_BLOCK] ^= _touch_block(ent_hash, ent_off, arena, slots, offsets, data, valid, hashes,
+                                           block_start, block_end, mask)
         if not valid[i]:
             out[i] = 0
             continue
         s, e_ = offsets[i], offsets[i + 1]
         n = e_ - s
-        h = _bytes_hash(data, s, e_)
+        h = hashes[i - block_start]
         pos = h & mask
         while True:
             e = slots[pos]

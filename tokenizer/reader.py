@@ -175,6 +175,34 @@ def user_keys(arr: pa.Array, column: str | None = None) -> UserKeys:
     return UserKeys(hash_strings(offsets, data), valid & ~bad, ~valid, bad, None, offsets, data)
 
 
+class _BatchColumns:
+    """One batch's columns decoded once for every segment that reads them (one table with a segment
+    column): times in UTC microseconds, and attribute codes of coders that share a value table.  A
+    segment takes its rows from the whole-batch arrays (no take of the Arrow columns)."""
+
+    def __init__(self, batch: pa.RecordBatch) -> None:
+        self.batch = batch
+        self._times: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._codes: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+
+    def times(self, column: str, unit: str, rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        key = (column, unit)
+        if key not in self._times:
+            self._times[key] = to_micros(self.batch.column(column), unit)
+        t = self._times[key]
+        return t if rows is None else (t[0][rows], t[1][rows], t[2][rows])
+
+    def codes(self, coder: Coder, rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        # Coders that share a table give the same codes for a column: code it once per batch.
+        key = id(coder.table) if coder.table is not None else id(coder)
+        if key not in self._codes:  # (an IntRangeError names a row of the whole batch: the file's row)
+            self._codes[key] = coder.encode(self.batch.column(coder.attr.column), None)
+        c, bad = self._codes[key]
+        if rows is None:
+            return c, bad
+        return c[rows], (bad[rows] if bad is not None and bad[rows].any() else None)
+
+
 class TaskReader:
     """Runs one reading task (see the module doc)."""
 
@@ -185,10 +213,20 @@ class TaskReader:
         self.spill = SpillWriter(spill_path, max_pending_bytes=opts.pending_bytes)
         self.hll = np.zeros(1 << HLL_BITS, np.uint8)
         self.streams: dict[int, StreamState] = {}
+        # Segments that read one table share a value table per column (and kind): a column is then
+        # coded once per batch for all of them.  A table holds values of every segment, and each
+        # coder counts only its own rows; values a segment never counted stay out of its
+        # vocabulary (tokenizer/coders.py).  Seeded coders (--vocab) keep their own tables.
+        shared: dict[tuple[int, str, str], IntTable | StrTable] = {}
         for seg in plan.segments:
-            self.streams[seg.index] = StreamState(
-                [Coder(a, opts.seeds.get((seg.index, k))) for k, a in enumerate(seg.attrs)], REASONS
-            )
+            coders = []
+            for k, a in enumerate(seg.attrs):
+                seed = opts.seeds.get((seg.index, k))
+                coder = Coder(a, seed, table=shared.get((seg.source, a.column, a.kind)) if seed is None else None)
+                if seed is None and coder.table is not None:
+                    shared.setdefault((seg.source, a.column, a.kind), coder.table)
+                coders.append(coder)
+            self.streams[seg.index] = StreamState(coders, REASONS)
         self.user_stream = len(plan.segments)
         if plan.users is not None:
             self.streams[self.user_stream] = StreamState(
@@ -244,17 +282,17 @@ class TaskReader:
         # Every usable id counts towards the number of users, routed or not: the count must be
         # the same as the one --num-shards jobs make from the user column alone.
         hll_update(self.hll, keys.h, keys.ok)
+        view = _BatchColumns(batch)
         if src.segment_column is None:
-            self._segment_rows(self.plan.segments[src.segments[0]], path, row, batch, None, keys)
+            self._segment_rows(self.plan.segments[src.segments[0]], path, row, view, None, keys)
             return
         route = self._route(source, batch.column(src.segment_column))
         for seg_index in src.segments:
             rows = np.flatnonzero(route == seg_index)
             if len(rows) == len(route):
-                self._segment_rows(self.plan.segments[seg_index], path, row, batch, None, keys)
+                self._segment_rows(self.plan.segments[seg_index], path, row, view, None, keys)
             elif len(rows):
-                self._segment_rows(self.plan.segments[seg_index], path, row, batch.take(pa.array(rows)), rows,
-                                   keys.take(rows))
+                self._segment_rows(self.plan.segments[seg_index], path, row, view, rows, keys.take(rows))
         lost = np.flatnonzero(route < 0)
         if len(lost):
             mine = self._mine(keys.take(lost))
@@ -308,12 +346,13 @@ class TaskReader:
 
     # -- segments -------------------------------------------------------------------------------------------
     def _segment_rows(
-        self, seg: SegmentPlan, path: Path, row: int, batch: pa.RecordBatch, rows: np.ndarray | None, keys: UserKeys
+        self, seg: SegmentPlan, path: Path, row: int, view: _BatchColumns, rows: np.ndarray | None, keys: UserKeys
     ) -> None:
+        """The rows ``rows`` of the batch (None: all) that belong to segment ``seg``."""
         spec = seg.spec
         state = self.streams[seg.index]
-        n = batch.num_rows
-        t_us, t_null, t_bad = to_micros(batch.column(spec.time_column), spec.time_unit)
+        n = len(rows) if rows is not None else view.batch.num_rows
+        t_us, t_null, t_bad = view.times(spec.time_column, spec.time_unit, rows)
         t_sec = np.floor_divide(t_us, US_PER_S)
         start, end = seg.window
         t_local = self._clocks[seg.index](t_sec) if seg.derived else None
@@ -321,13 +360,10 @@ class TaskReader:
         bad_utf8 = keys.bad_utf8.copy()
         utf8_cols: list[tuple[str, np.ndarray]] = []
         for k, (attr, coder) in enumerate(zip(seg.attrs, state.coders)):
-            col = batch.column(attr.column) if attr.column is not None else None
-            try:
-                c, bu = coder.encode(col, t_local)
-            except IntRangeError as e:
-                if rows is not None:  # a row of the routed subset: name its row in the file
-                    e.row = int(rows[e.row])
-                raise
+            if attr.derived:
+                c, bu = coder.encode(None, t_local)
+            else:
+                c, bu = view.codes(coder, rows)
             codes[:, k] = c
             if bu is not None:
                 bad_utf8 |= bu
