@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from common.progress import Bar
 from tokenizer.coders import GlobalCodes, build_vocab, ids_for_vocab, merge_codes
 from tokenizer.hashing import hll_estimate
 from tokenizer.io import DEFAULT_BATCH_ROWS
@@ -50,7 +51,6 @@ from tokenizer.plan import (
     spill_row_bytes,
     unit_budget,
 )
-from tokenizer.progress import Bar
 from tokenizer.reader import (
     REASONS,
     BadRowError,
