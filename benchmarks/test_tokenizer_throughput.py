@@ -156,7 +156,7 @@ def test_word_kernels(benchmark, impl):
 _PEAK = """
 import json, sys, time
 from tokenizer.pipeline import tokenize
-from tokenizer.progress import peak_rss_bytes
+from common.progress import peak_rss_bytes
 from tokenizer.schema import load_schema
 t = time.perf_counter()
 m = tokenize(load_schema(sys.argv[1]), sys.argv[2], progress=False, workers=2)

@@ -30,8 +30,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
     from tokenizer.pipeline import tokenize
-    from tokenizer.progress import summary
     from tokenizer.schema import load_schema
+    from tokenizer.summary import summary
 
     schema = load_schema(args.schema)
     vocab = args.vocab

@@ -129,10 +129,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _settings_of(ft_dir: Path, default_ft):
+    from common.typed_config import from_dict
     from engine.checkpoint import load_model_description
     from engine.config import FinetuneConfig
     from engine.finetune import _model_dir
-    from tokenizer.typed_config import from_dict
 
     model_cfg = load_model_description(_model_dir(ft_dir))[0]
     res = ft_dir / "result.json"

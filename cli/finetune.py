@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    from common.typed_config import ConfigError
     from engine.distributed import launched_world_size
-    from tokenizer.typed_config import ConfigError
 
     world = launched_world_size()
     if world > 1 and args.deepspeed_config is None:

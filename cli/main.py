@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from tokenizer.typed_config import ConfigError
+    from common.typed_config import ConfigError
 
     try:
         return args.fn(args)

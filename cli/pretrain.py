@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO if rank == "0" else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
+    from common.typed_config import ConfigError
     from engine.config import load_config
-    from tokenizer.typed_config import ConfigError
 
     try:
         cfg = load_config(args.config, parse_overrides(args.set))

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.typed_config import from_dict, to_dict
 from engine.config import MaskingConfig, ModelConfig, VocabSpec
-from tokenizer.typed_config import from_dict, to_dict
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"

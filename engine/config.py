@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from common.typed_config import ConfigError, from_dict, read_toml, to_dict
 from tokenizer.schema import SchemaConfig, schema_from_dict
-from tokenizer.typed_config import ConfigError, from_dict, read_toml, to_dict
 
 log = logging.getLogger("userbert")
 

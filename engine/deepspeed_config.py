@@ -29,9 +29,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from common.typed_config import ConfigError
 from engine.config import TrainConfig
 from engine.data import BatchLayout, batch_layout
-from tokenizer.typed_config import ConfigError
 
 AUTO = "auto"
 SCHEDULERS = {"WarmupLR": "constant", "WarmupDecayLR": "linear", "WarmupCosineLR": "cosine"}

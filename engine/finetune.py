@@ -236,9 +236,9 @@ def finetune_deepspeed_config(raw: dict[str, Any], ft: FinetuneConfig, world_siz
     ``grad_clip`` are finetune's.  The optimizer section is checked and dropped: our AdamW with its groups
     (head rate, layer decay) is handed to DeepSpeed.  A scheduler section is refused: fine-tuning runs at a
     constant rate."""
+    from common.typed_config import ConfigError
     from engine.config import TrainConfig
     from engine.deepspeed_config import resolve_ds_config
-    from tokenizer.typed_config import ConfigError
 
     if "scheduler" in raw:
         raise ConfigError(f"{where}: scheduler: fine-tuning runs at a constant learning rate (finetune.lr); remove "
@@ -481,7 +481,7 @@ def save_finetuned(out_dir: str | Path, result: FinetuneResult, model: TaskModel
     """FTDIR: result.json (metrics per epoch), split.parquet (user_id, split), model/ (safetensors + json)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from tokenizer.typed_config import to_dict
+    from common.typed_config import to_dict
 
     doc = {**result.to_dict(), "finetune": to_dict(ft), "labels": td.source}
     atomic_write(out_dir / "result.json", lambda p: Path(p).write_text(json.dumps(doc, indent=2, default=str)))

@@ -169,7 +169,7 @@ def run_task(spec: TaskSpec, data, cfg: RunConfig, pre_dir: Path, work: Path, fo
 
 def _check_cache(path: Path, settings: dict) -> None:
     """Cached fold results are only reused under the settings that made them (another --set: another --work)."""
-    from tokenizer.typed_config import to_dict
+    from common.typed_config import to_dict
 
     doc = json.loads(json.dumps({k: to_dict(v) if hasattr(v, "__dataclass_fields__") else v
                                  for k, v in settings.items()}, default=str))
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = work / "pretrain"
     meta_path = run_dir / "experiment_pretrain.json"
     if meta_path.exists():
-        from tokenizer.typed_config import to_dict
+        from common.typed_config import to_dict
 
         saved = json.loads((run_dir / "config.json").read_text())
         for part in ("model", "masking", "train"):
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     data = open_tokenized(tok)
     models = args.models.split(",")
     results = [run_task(t, data, cfg, run_dir / "model", work, args.folds, args.seed, models, 20) for t in tasks]
-    from tokenizer.typed_config import to_dict
+    from common.typed_config import to_dict
 
     ft = {k: v for k, v in to_dict(cfg.finetune).items() if v not in (None, False, 0) or k == "seed"}
     description = {

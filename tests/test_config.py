@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from common.typed_config import ConfigError
 from engine.config import RunConfig, load_config
 from tokenizer.schema import load_schema
-from tokenizer.typed_config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from common.typed_config import ConfigError
 from engine.config import TrainConfig, load_config
 from engine.deepspeed_config import load_ds_json, resolve_ds_config
-from tokenizer.typed_config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 DS = ROOT / "configs" / "ds"

@@ -14,7 +14,7 @@ import pytest
 
 from tokenizer.schema import load_schema
 from tokenizer.synthetic import generate
-from tokenizer.synthetic_world import Categorical, zipf_weights
+from tokenizer.synthetic.world import Categorical, zipf_weights
 
 TZ = zoneinfo.ZoneInfo("Asia/Tokyo")
 START = dt.datetime(2026, 1, 1, tzinfo=TZ)

@@ -94,7 +94,7 @@ _RUN = """
 import json, sys
 from tokenizer import shards
 from tokenizer.pipeline import tokenize
-from tokenizer.progress import peak_rss_bytes
+from common.progress import peak_rss_bytes
 from tokenizer.schema import load_schema
 shards.FSYNC = False
 kw = json.loads(sys.argv[3])

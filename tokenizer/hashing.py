@@ -395,11 +395,6 @@ class StrTable:
         return self._slots.nbytes + self._hash.nbytes + self._off.nbytes + self._arena.nbytes
 
 
-def table_for(t: pa.DataType) -> IntTable | StrTable:
-    """A table for values of Arrow type ``t`` (integers, or strings/binary)."""
-    return IntTable() if pa.types.is_integer(t) else StrTable()
-
-
 # -- UTF-8 validation ----------------------------------------------------------------------------
 @njit(cache=True, nogil=True)
 def utf8_invalid(offsets: np.ndarray, data: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled

@@ -19,9 +19,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from common.atomic import sha256_file
 from tokenizer.manifest import check_accounting
 from tokenizer.pipeline import PARTS_DIR
-from tokenizer.shards import MANIFEST, SHARD_DIR, VOCAB_DIR, atomic_write_json, sha256_file
+from tokenizer.shards import MANIFEST, SHARD_DIR, VOCAB_DIR, atomic_write_json
 
 _PART = re.compile(r"part-(\d{5})-of-(\d{5})\.json$")
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from common.progress import Bar
 from tokenizer.coders import GlobalCodes, build_vocab, ids_for_vocab, merge_codes
 from tokenizer.diagnosis import capping_warnings, check_kept, resolve_windows
 from tokenizer.hashing import hll_estimate
@@ -51,7 +52,6 @@ from tokenizer.plan import (
     spill_row_bytes,
     unit_budget,
 )
-from tokenizer.progress import Bar
 from tokenizer.reader import (
     REASONS,
     BadRowError,

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tokenizer.typed_config import ConfigError, from_dict, read_toml, to_dict, to_toml
+from common.typed_config import ConfigError, from_dict, read_toml, to_dict, to_toml
 
 PAD_ID = 0  # padding: never produced for real data, contributes nothing to embeddings
 UNK_ID = 1  # unknown: nulls, values below min_count, and values past max_vocab

@@ -11,20 +11,19 @@ real name.  The manifest is written last; it names every shard with its sha256.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
+
+from common.atomic import arrow_file, atomic_write, atomic_write_bytes, atomic_write_many, sha256_file
+from tokenizer.vocab import Vocab, vocab_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -33,144 +32,25 @@ VOCAB_DIR = "vocab"
 _INT32_MAX = 2**31 - 1
 
 
-# -- atomic writing ---------------------------------------------------------------------------
-class _HashingFile:
-    """A write-only file wrapper that hashes what passes through (no second read of the shard)."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        self.f = f
-        self.sha = hashlib.sha256()
-        self.pos = 0
-        self.closed = False
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data)
-        self.sha.update(view)
-        self.pos += view.nbytes
-        return self.f.write(view)
-
-    def tell(self) -> int:
-        return self.pos
-
-    def flush(self) -> None:
-        self.f.flush()
-
-    def writable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        self.closed = True
-
-
+# -- atomic writing (common/atomic.py) -----------------------------------------------------------
 # Tests switch this off: they need the temp-file-and-rename atomicity, not durability across a
 # power loss, and an fsync costs milliseconds each.
 FSYNC = True
 
 
-def _atomic_write(path: str | Path, write: Callable[[Any], None], durable: bool = True) -> str:
-    """Run ``write(file_like)`` into a temp file beside ``path``, fsync, rename; return sha256.
-
-    ``durable=False`` skips the fsyncs (scratch files: still never seen half-written).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    sync = durable and FSYNC
-    try:
-        with os.fdopen(fd, "wb") as f:
-            hf = _HashingFile(f)
-            write(hf)
-            f.flush()
-            if sync:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if sync:
-        _fsync_dir(path.parent)
-    return hf.sha.hexdigest()
-
-
-def _fsync_dir(d: Path) -> None:
-    # Make the rename itself durable (POSIX); not all platforms can open a directory.
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_write_table(path: str | Path, table: pa.Table) -> str:
     """Write ``table`` as an uncompressed Arrow IPC file, atomically; returns its sha256."""
-
-    def write(hf: _HashingFile) -> None:
-        sink = pa.PythonFile(hf, mode="w")
-        with ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
-
-    return _atomic_write(path, write)
+    return atomic_write(path, arrow_file(table), durable=FSYNC)
 
 
 def atomic_write_tables(items: Sequence[tuple[str | Path, pa.Table]]) -> list[str]:
-    """Write several small tables atomically and durably, syncing them together.
-
-    Each table goes to a temp file; the temp files are fsync'ed concurrently (the file system
-    commits them in one or two journal transactions instead of one each), then renamed, then
-    their directories synced once.  Returns the sha256 of each.
-    """
-    temps, shas = [], []
-    try:
-        for path, table in items:
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            temps.append((tmp, path))
-            with os.fdopen(fd, "wb") as f:
-                hf = _HashingFile(f)
-                with ipc.new_file(pa.PythonFile(hf, mode="w"), table.schema) as writer:
-                    writer.write_table(table)
-                f.flush()
-            shas.append(hf.sha.hexdigest())
-        if FSYNC and temps:
-            with ThreadPoolExecutor(min(8, len(temps))) as pool:
-                list(pool.map(_fsync_path, [t for t, _ in temps]))
-        for tmp, path in temps:
-            os.replace(tmp, path)
-    except BaseException:
-        for tmp, _ in temps:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-    if FSYNC:
-        for d in {path.parent for _, path in temps}:
-            _fsync_dir(d)
-    return shas
-
-
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Write several small tables atomically and durably, syncing them together; their sha256s."""
+    return atomic_write_many([(path, arrow_file(table)) for path, table in items], durable=FSYNC)
 
 
 def atomic_write_json(path: str | Path, data: dict[str, Any], durable: bool = True) -> str:
-    text = (json.dumps(data, indent=2, sort_keys=False) + "\n").encode()
-    return _atomic_write(path, lambda hf: hf.write(text), durable)
-
-
-def sha256_file(path: str | Path, block: int = 1 << 24) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            sha.update(chunk)
-    return sha.hexdigest()
+    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+    return atomic_write_bytes(path, text, durable and FSYNC)
 
 
 # -- in-memory form -----------------------------------------------------------------------------
@@ -294,8 +174,6 @@ class TokenizedData:
         """Values by id: element i is the value of id i + 2 ("user" as segment: user attributes)."""
         key = (segment, attribute)
         if key not in self._vocabs:
-            from tokenizer.vocab import Vocab, vocab_file
-
             self._vocabs[key] = Vocab.load(vocab_file(self.root / VOCAB_DIR, segment, attribute)).values
         return self._vocabs[key]
 

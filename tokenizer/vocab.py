@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
+from common.atomic import arrow_file, atomic_write
 from tokenizer.io import InputError, plain
 from tokenizer.schema import FIRST_ID, UNK_ID
-from tokenizer.shards import atomic_write_table
 
 
 # -- the vocabulary ---------------------------------------------------------------------------
@@ -89,7 +89,7 @@ class Vocab:
         return pa.table({"value": self.values, "count": pa.array(self.counts, pa.int64())})
 
     def save(self, path: str | Path) -> None:
-        atomic_write_table(path, self.table())
+        atomic_write(path, arrow_file(self.table()))
 
     @classmethod
     def load(cls, path: str | Path) -> Vocab:

@@ -3,7 +3,7 @@
 The world is everything shared by all users and fixed by the seed: latent topics with
 Zipf-like genre distributions, the shops that sell each genre, genre price levels, how
 demographics and the label-generating propensities depend on topics, and the calendar
-(weekly seasonality, sale days).  :mod:`tokenizer.synthetic` draws users and events from it
+(weekly seasonality, sale days).  :mod:`tokenizer.synthetic.generator` draws users and events from it
 one chunk of users at a time.
 
 Nothing here imports torch, and nothing loops over events in Python: fixed distributions are

@@ -1,51 +1,10 @@
-"""Progress bars (events/s and ETA) and the one-screen summary at the end of a tokenize run."""
+"""The one-screen summary at the end of a tokenize run."""
 
 from __future__ import annotations
 
-import resource
-import sys
-import threading
 from typing import Any
 
-from tqdm import tqdm
-
-
-class Bar:
-    """A thread-safe progress bar over events (disabled: a no-op)."""
-
-    def __init__(self, desc: str, total: int | None, enabled: bool, unit: str = "ev") -> None:
-        self._lock = threading.Lock()
-        self._bar = (
-            tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=sys.stderr, smoothing=0.05, leave=True,
-                 dynamic_ncols=True)
-            if enabled
-            else None
-        )
-
-    def update(self, n: int) -> None:
-        if self._bar is not None:
-            with self._lock:
-                self._bar.update(n)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process.
-
-    VmHWM of /proc/self/status where there is one: ``ru_maxrss`` also counts the parent's pages
-    a forked (or vforked) child held before exec, which overstates a subprocess's own peak.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+from common.progress import peak_rss_bytes
 
 
 def _n(x: int | float) -> str:

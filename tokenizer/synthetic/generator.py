@@ -1,7 +1,7 @@
 """Synthetic e-commerce behaviour logs with planted, learnable structure (``userbert-engine synth``).
 
-Generative story (the shared structure is in :mod:`tokenizer.synthetic_world`, the per-user
-draws in :mod:`tokenizer.synthetic_events`):
+Generative story (the shared structure is in :mod:`tokenizer.synthetic.world`, the per-user
+draws in :mod:`tokenizer.synthetic.events`):
 
 - Each user has a sparse mixture over latent topics; a topic is a Zipf-like distribution over
   genres, a genre has shops (a few dominate) and a price level.  Users also have three
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import sys
 import time
 import zoneinfo
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,9 +40,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tokenizer import synthetic_events as ev
+import tokenizer.synthetic.events as ev
+from common.progress import Bar
 from tokenizer.schema import SchemaConfig, load_schema, parse_time, schema_from_dict
-from tokenizer.synthetic_world import (
+from tokenizer.synthetic.world import (
     CHANNELS,
     DEVICES,
     GENDERS,
@@ -153,7 +153,7 @@ def generate(
     writers = _Writers(out)
     counts: dict[str, int] = {}
     n_chunks = (n_users + chunk_users - 1) // chunk_users
-    bar = _progress(n_users, progress)
+    bar = Bar("synth", n_users, progress, unit="users", scale=False)
     # Parquet encoding runs on a writer thread (pyarrow releases the GIL) while the next chunk
     # is generated; at most one chunk waits, so memory stays at about two chunks.
     pool = ThreadPoolExecutor(max_workers=1)
@@ -368,19 +368,3 @@ class _Writers:
     def close(self) -> None:
         for w in self.open.values():
             w.close()
-
-
-def _progress(total: int, enabled: bool) -> Any:
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="users", desc="synth", file=sys.stderr, smoothing=0.1)
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

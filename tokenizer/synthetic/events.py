@@ -1,6 +1,6 @@
 """Users, events and labels of one chunk of synthetic users, as numpy arrays.
 
-Used by :mod:`tokenizer.synthetic`, which turns them into Parquet.  Every function takes the
+Used by :mod:`tokenizer.synthetic.generator`, which turns them into Parquet.  Every function takes the
 chunk's random generator and draws from it in a fixed order, so a chunk is a pure function of
 (world, seed, chunk index).  Events are built grouped by user and in time order (per-user
 purchase days and sessions are sorted before they are expanded into events), so the final
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tokenizer.synthetic_world import DEVICES, N_REGIONS, World, pick, sample_rows, sigmoid
+from tokenizer.synthetic.world import DEVICES, N_REGIONS, World, pick, sample_rows, sigmoid
 
 DAY = 86400
 
@@ -29,7 +29,7 @@ P_REPEAT_IN_SESSION = 0.45  # a browsing event looks at the same item as the pre
 
 @dataclass
 class Knobs:
-    """The per-run parameters that shape events (see :func:`tokenizer.synthetic.generate`)."""
+    """The per-run parameters that shape events (see :func:`tokenizer.synthetic.generator.generate`)."""
 
     window_days: int
     short_days: int
