@@ -1,6 +1,6 @@
 """The same events in every column encoding and file format a user has give byte-identical output.
 
-Realistic logs (tokenizer/realistic_logs.py: one table routed to two segments, Zipf catalogues with
+Realistic logs (tokenizer.synthetic.realistic.py: one table routed to two segments, Zipf catalogues with
 far more distinct values per batch than the plain-string dictionary threshold, heavy users, rows in
 arbitrary order over several files and row groups) are written as Parquet with plain, Arrow
 dictionary, large_string and string_view columns, Parquet with int32 ids, CSV, and Arrow IPC
@@ -22,9 +22,9 @@ import pytest
 from tokenizer import reference, shards
 from tokenizer.io import file_schema
 from tokenizer.pipeline import tokenize
-from tokenizer.realistic_logs import LogShape, write_logs
 from tokenizer.schema import load_schema
 from tokenizer.shards import open_tokenized
+from tokenizer.synthetic.realistic import LogShape, write_logs
 
 SHAPE = LogShape(events=24_000, users=300, items=100_000, shops=20_000, genres=500, queries=8_000, files=3,
                  row_group_rows=3_000, string_ids=True, seed=7)

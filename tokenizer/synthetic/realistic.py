@@ -1,6 +1,6 @@
 """Event logs shaped like real ones, for tests and benchmarks that must not flatter the tokenizer.
 
-The planted-structure generator (``tokenizer.synthetic``) gives every user ~64 events over
+The planted-structure generator (``tokenizer.synthetic.generate``) gives every user ~64 events over
 catalogues of a few thousand values, in tidy per-segment files.  Real logs are not like that:
 
 - **one table** of all events with an ``event_type`` column (purchases and views mixed), the way
