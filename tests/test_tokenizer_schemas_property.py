@@ -4,7 +4,8 @@ tests/test_tokenizer_property.py draws random logs for one fixed schema.  Here h
 draws the schema and the file: one to three attributes of any kind (strings with non-ASCII
 values, integers of any width, booleans, floats used as categories, bucketed numbers, @hour and
 @weekday), min_count and max_vocab, string and integer user ids, the time as an Arrow timestamp
-or an integer epoch, the word rule and position unit, window edges given or left to the data,
+or an integer epoch, the word rule (daily, session, one action per word) and position unit, the
+cap or split of long words, window edges given or left to the data,
 and the file format (Parquet with plain or dictionary strings, CSV, Arrow IPC).  The shards must
 equal tokenizer/reference.py's words, vocabularies and dropped counts.
 """
@@ -98,7 +99,9 @@ def cases(draw):
         end = start + 3600
     return {
         "tz": tz, "attrs": attrs, "rows": rows, "string_users": string_users, "window": (start, end),
-        "rule": draw(st.sampled_from([("daily", "day"), ("session", "hour"), ("session", "day")])),
+        "rule": draw(st.sampled_from([("daily", "day"), ("session", "hour"), ("session", "day"), ("action", "hour"),
+                                      ("action", "day")])),
+        "overflow": draw(st.sampled_from(["cap", "split"])),
         "time": draw(st.sampled_from(["timestamp", "ms", "s"])),
         "fmt": draw(st.sampled_from(["parquet", "csv", "ipc"])),
         "max_words": draw(st.integers(1, 4)), "cap": draw(st.integers(1, 4)),
@@ -193,7 +196,7 @@ def test_random_schemas_equal_the_reference(tmp_path_factory, case, batch_rows, 
         data["window_end"] = _local(end, case["tz"])
     seg = {"path": path, "user_column": "user", "time_column": "ts", "word_rule": case["rule"][0],
            "position_unit": case["rule"][1], "max_words": case["max_words"], "max_actions_per_word": case["cap"],
-           "attributes": attrs}
+           "word_overflow": case["overflow"], "attributes": attrs}
     if case["time"] != "timestamp":
         seg["time_unit"] = case["time"]
     schema = schema_from_dict({"data": data, "segments": {"ev": seg}}, root)
@@ -221,7 +224,7 @@ def test_random_schemas_equal_the_reference(tmp_path_factory, case, batch_rows, 
     expected, vocabs, dropped = reference.segment_reference(
         rows, user="user", time="t_us", attributes=ref_attrs, window=window, timezone=case["tz"],
         rule=case["rule"][0], position_unit=case["rule"][1], max_words=case["max_words"],
-        max_actions_per_word=case["cap"])
+        max_actions_per_word=case["cap"], word_overflow=case["overflow"])
     m = tokenize(schema, root / "tok", **run)
     out = open_tokenized(root / "tok", verify=True)
     event("compared with the reference")

@@ -141,10 +141,16 @@ def test_per_word_cap_that_drops_many_actions_warns_and_names_the_knob(tmp_path)
     capped, events = m["counts"]["ev"]["actions_capped"], m["counts"]["ev"]["events"]
     assert capped > 0.05 * events
     assert m["warnings"] == [f"segment 'ev': max_actions_per_word = 1 dropped {capped:,} of {events:,} events "
-                             f"({capped / events:.0%}); raise max_actions_per_word, or use session words "
-                             "(word_rule = \"session\") for bursty logs"]
+                             f"({capped / events:.0%}); set word_overflow = \"split\" to cut long words into "
+                             "several instead (bursty logs), or raise max_actions_per_word"]
     ok = tokenize(_schema(tmp_path, {}), tmp_path / "tok2", progress=False)
     assert "warnings" not in ok
+    # Split: the same events, none dropped, in more words of at most one action each.
+    split = tokenize(_schema(tmp_path, {}, max_actions_per_word=1, word_overflow="split"), tmp_path / "tok3",
+                     progress=False)
+    assert "warnings" not in split and split["counts"]["ev"]["actions_capped"] == 0
+    assert split["counts"]["ev"]["actions"] == events
+    assert split["counts"]["ev"]["words"] == m["counts"]["ev"]["words"] + capped
 
 
 @pytest.mark.parametrize("column", ["uid", "item"])

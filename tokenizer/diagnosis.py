@@ -100,5 +100,6 @@ def capping_warnings(plan: Plan, counts: dict[str, Any]) -> list[str]:
         if c["events"] and c["actions_capped"] > CAPPED * c["events"]:
             out.append(f"segment {seg.name!r}: max_actions_per_word = {seg.spec.max_actions_per_word} dropped "
                        f"{c['actions_capped']:,} of {c['events']:,} events ({c['actions_capped'] / c['events']:.0%}); "
-                       "raise max_actions_per_word, or use session words (word_rule = \"session\") for bursty logs")
+                       "set word_overflow = \"split\" to cut long words into several instead (bursty logs), or raise "
+                       "max_actions_per_word")
     return out

@@ -184,6 +184,7 @@ def segment_words(ctx: WordsContext, unit: Unit, seg: SegmentPlan) -> SegmentWor
         window_start_local=seg.window_start_local,
         max_words=spec.max_words,
         max_actions_per_word=spec.max_actions_per_word,
+        word_overflow=spec.word_overflow,
     )
     attr = gather_sorted_ids(sorted_rows, words.keep, lk.ids, lk.id_bases)
     n_events = len(sorted_rows)

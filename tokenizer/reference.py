@@ -85,15 +85,18 @@ def user_words(
     gap_minutes: float = 30.0,
     max_words: int = 128,
     max_actions_per_word: int = 32,
+    word_overflow: str = "cap",
 ) -> list[tuple[int, list[int]]]:
     """One user's words: [(position, [indices into ``times`` of the kept actions])].
 
     ``times`` are the user's events in input order; they are ordered here by (time, input order).
+    ``rule`` "action" makes every action a word; ``word_overflow = "split"`` cuts a word of more
+    than ``max_actions_per_word`` actions into words of that many (the last one shorter).
     """
     order = sorted(range(len(times)), key=lambda i: (times[i], i))
     words: list[list[int]] = []
     for j, i in enumerate(order):
-        if j == 0:
+        if j == 0 or rule == "action":
             new = True
         elif rule == "daily":
             prev = order[j - 1]
@@ -106,6 +109,9 @@ def user_words(
             words.append([i])
         else:
             words[-1].append(i)
+    if word_overflow == "split":
+        m = max_actions_per_word
+        words = [w[k: k + m] for w in words for k in range(0, len(w), m)]
 
     start_day = day_key(window_start_utc, timezone, day_start_hour)
     out = []
@@ -172,6 +178,7 @@ def segment_reference(
     gap_minutes: float = 30.0,
     max_words: int = 128,
     max_actions_per_word: int = 32,
+    word_overflow: str = "cap",
 ) -> tuple[dict[Any, list[tuple[int, list[tuple[Any, ...]]]]], dict[str, list[Any]], Counter]:
     """One segment of a small log, every rule of FORMATS.md §2-3 in order.
 
@@ -213,7 +220,7 @@ def segment_reference(
     words = all_words([r[user] for r in kept], [r[time] // 1_000_000 for r in kept], rule=rule,
                       position_unit=position_unit, timezone=timezone, window_start_utc=start,
                       day_start_hour=day_start_hour, gap_minutes=gap_minutes, max_words=max_words,
-                      max_actions_per_word=max_actions_per_word)
+                      max_actions_per_word=max_actions_per_word, word_overflow=word_overflow)
     known = {name: set(v) for name, v in vocabs.items()}
 
     def action(r: dict[str, Any]) -> tuple[Any, ...]:

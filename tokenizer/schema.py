@@ -74,7 +74,7 @@ class SegmentSpec:
 
     path: str  # file, directory or glob; Parquet, CSV(.gz) or Arrow IPC
     attributes: list[AttributeSpec]
-    word_rule: Literal["daily", "session"]
+    word_rule: Literal["daily", "session", "action"]  # action: one action = one word (no discretisation)
     position_unit: Literal["day", "hour"]
     user_column: str | None = None  # defaults to [data].user_column
     time_column: str = "ts"
@@ -90,7 +90,8 @@ class SegmentSpec:
     window_start: str | None = None  # defaults to [data].window_start
     window_end: str | None = None  # defaults to [data].window_end
     max_words: int = 128  # keep the last max_words words of each user
-    max_actions_per_word: int = 32  # keep the last actions of a longer word
+    max_actions_per_word: int = 32  # keep the last actions of a longer word ...
+    word_overflow: Literal["cap", "split"] = "cap"  # ... or ("split") cut it into words of that many actions
     name: str = ""  # set from the [segments.<name>] key
 
     def __post_init__(self) -> None:

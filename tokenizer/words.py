@@ -23,6 +23,8 @@ from numba import njit
 
 RULE_DAILY = 0
 RULE_SESSION = 1
+RULE_ACTION = 2  # one action = one word (the paper's "without discretisation" ablation)
+RULES = {"daily": RULE_DAILY, "session": RULE_SESSION, "action": RULE_ACTION}
 UNIT_DAY = 0
 UNIT_HOUR = 1
 SECONDS_PER_DAY = 86400
@@ -77,17 +79,20 @@ def _split_words(
     window_start_day,
     max_words,
     max_actions,
+    split,
 ):  # pragma: no cover - compiled
     n_users = user_offsets.shape[0] - 1
     n = t_utc.shape[0]
-    # Pass 1: where each word starts, and how many words each user has.
+    # Pass 1: where each word starts, and how many words each user has.  With ``split`` a word
+    # that reaches max_actions actions ends there and the next action starts a new word.
     word_start = np.empty(n, np.int64)
     user_nwords = np.zeros(n_users, np.int64)
     n_words = 0
     for u in range(n_users):
         s, e = user_offsets[u], user_offsets[u + 1]
+        length = 0
         for i in range(s, e):
-            if i == s:
+            if i == s or rule == RULE_ACTION:
                 new = True
             elif rule == RULE_DAILY:
                 new = (t_local[i] - day_start_s) // SECONDS_PER_DAY != (
@@ -95,10 +100,14 @@ def _split_words(
                 ) // SECONDS_PER_DAY
             else:
                 new = (t_utc[i] - t_utc[i - 1]) > gap_s
+            if split and length >= max_actions:
+                new = True
             if new:
+                length = 0
                 word_start[n_words] = i
                 n_words += 1
                 user_nwords[u] += 1
+            length += 1
 
     # Pass 2: keep the last max_words words of each user and the last max_actions of each word.
     user_word_offsets = np.zeros(n_users + 1, np.int64)
@@ -159,8 +168,13 @@ def split_words(
     window_start_local: int = 0,
     max_words: int = 128,
     max_actions_per_word: int = 32,
+    word_overflow: str = "cap",
 ) -> Words:
     """Cut events sorted by (user, time) into words (FORMATS.md §2).
+
+    ``rule``: "daily", "session" or "action" (every action its own word).  ``word_overflow``: a word
+    with more than ``max_actions_per_word`` actions keeps its last ones ("cap", the paper) or is cut
+    into words of that many actions, in time order ("split": no action is dropped).
 
     ``user_offsets`` (int64 [N+1], from :func:`sort_by_user_time`) must tile ``0..n``.
     ``t_local`` is needed for the daily rule and for day positions (None otherwise).
@@ -169,6 +183,9 @@ def split_words(
     user_offsets = np.ascontiguousarray(user_offsets, dtype=np.int64)
     if user_offsets.shape[0] < 1 or user_offsets[0] != 0 or user_offsets[-1] != t_utc.shape[0]:
         raise ValueError("user_offsets must start at 0 and end at the number of events")
+    if rule not in RULES or word_overflow not in ("cap", "split"):
+        raise ValueError(f"rule must be one of {sorted(RULES)} and word_overflow 'cap' or 'split', got "
+                         f"{rule!r}, {word_overflow!r}")
     needs_local = rule == "daily" or position_unit == "day"
     if needs_local and t_local is None:
         raise ValueError("t_local is required for the daily rule and for day positions")
@@ -179,7 +196,7 @@ def split_words(
         user_offsets,
         t_utc,
         t_local,
-        RULE_DAILY if rule == "daily" else RULE_SESSION,
+        RULES[rule],
         np.int64(day_start_s),
         float(gap_minutes) * 60.0,
         UNIT_HOUR if position_unit == "hour" else UNIT_DAY,
@@ -187,6 +204,7 @@ def split_words(
         np.int64(window_start_day),
         np.int64(max_words),
         np.int64(max_actions_per_word),
+        word_overflow == "split",
     )
     uwo, uao, pos, length, keep, truncated, capped = out
     return Words(uwo, uao, pos, length, keep, int(truncated), int(capped))
