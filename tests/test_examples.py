@@ -135,6 +135,49 @@ def test_movielens_adapter_on_a_hand_written_fixture(tmp_path):
     assert json.loads((out / "CONVERT.json").read_text())["cut"] == "1998-03-01"
 
 
+def _write_recbole(d: Path) -> None:
+    """The same fixture in RecBole's atomic layout (ml-100k.inter/.item/.user, as in its wheel)."""
+    d.mkdir(parents=True)
+    (d / "ml-100k.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + "".join(
+        f"{u}\t{m}\t{r}\t{_t(t)}\n" for u, m, r, t in RATINGS))
+    years = {m: (d_[-4:] if d_ else "unkonwn") for m, d_ in U_ITEM_DATES.items()}  # RecBole's spelling
+    (d / "ml-100k.item").write_text("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+                                    + "".join(f"{m}\tMovie {m}\t{years[m]}\t{' '.join(g)}\n"
+                                              for m, g in GENRE_FLAGS.items()))
+    (d / "ml-100k.user").write_text("user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n"
+                                    + U_USER.replace("|", "\t"))
+
+
+def test_movielens_recbole_layout_equals_grouplens(tmp_path):
+    """RecBole's atomic files (a directory, or the files inside a wheel) give exactly the tables and
+    labels that GroupLens' files give."""
+    import zipfile
+
+    ml = _module(EXAMPLES / "movielens" / "convert.py")
+    _write_ml100k(tmp_path / "ml-100k")
+    _write_recbole(tmp_path / "recbole" / "ml-100k")
+    wheel = tmp_path / "recbole-1.2.1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for f in (tmp_path / "recbole" / "ml-100k").iterdir():
+            z.write(f, f"recbole/dataset_example/ml-100k/{f.name}")
+    outs = {}
+    for name, src in (("grouplens", tmp_path / "ml-100k"), ("recbole", tmp_path / "recbole" / "ml-100k"),
+                      ("wheel", wheel)):
+        counts = ml.convert(src, tmp_path / name, cut="1998-03-01")
+        assert counts["layout"] == ("grouplens" if name == "grouplens" else "recbole")
+        outs[name] = {p.relative_to(tmp_path / name).as_posix(): pq.read_table(p).to_pylist()
+                      for p in sorted((tmp_path / name).rglob("*.parquet")) if "_source" not in p.parts}
+    assert outs["recbole"] == outs["grouplens"] and outs["wheel"] == outs["grouplens"]
+    assert set(outs["grouplens"]) >= {"labels/gender.parquet", "labels/occupation.parquet",
+                                      "labels/next_genre.parquet", "labels/next_movie.parquet"}
+    nxt = {r["user_id"]: sorted(r["label"]) for r in outs["grouplens"]["labels/next_movie.parquet"]}
+    assert nxt == {1: [5, 6], 2: [6]}
+    # A wrong header names the file and what was expected.
+    (tmp_path / "recbole" / "ml-100k" / "ml-100k.user").write_text("id\tage\n1\t20\n")
+    with pytest.raises(ml.MovieLensFormatError, match=r"ml-100k.user:1: expected the header"):
+        ml.convert(tmp_path / "recbole" / "ml-100k", tmp_path / "bad")
+
+
 def test_movielens_adapter_names_the_bad_line(tmp_path):
     ml = _module(EXAMPLES / "movielens" / "convert.py")
     _write_ml100k(tmp_path / "ml-100k")
