@@ -216,7 +216,7 @@ def gather_call(vocabs, dims, n_words, actions_per_word, dtype, *, zero=True, po
 
 
 def ce_call(vocabs, H, M, dtype, *, hidden_dtype=None, autocast=None, tf32=False, bias=True, normalize=True,
-            labels_per_row=2.0, grads=("hidden", "weight", "bias")):
+            labels_per_row=2.0, grads=("hidden", "weight", "bias"), impl="triton"):
     hidden = _t(M, H, dtype=hidden_dtype or dtype, grad="hidden" in grads)
     weights = [_t(v, H, dtype=dtype, grad="weight" in grads) for v in vocabs]
     biases = [_t(v, dtype=dtype, grad="bias" in grads) if bias else None for v in vocabs]
@@ -224,9 +224,10 @@ def ce_call(vocabs, H, M, dtype, *, hidden_dtype=None, autocast=None, tf32=False
     offs = [_t(M + 1, dtype=torch.int32) for _ in vocabs]
     ids = [_t(nnz, dtype=torch.int32) for _ in vocabs]
     with _matmul_mode(autocast, tf32):
-        loss = mlce.multi_label_softmax_ce_grouped(hidden, weights, biases, offs, ids, normalize, impl="triton")
-    if loss.requires_grad:
-        loss.sum().backward()
+        loss = mlce.multi_label_softmax_ce_grouped(hidden, weights, biases, offs, ids, normalize, impl=impl)
+    with _matmul_mode(None, tf32):  # torch's TF32 flag is global: the backward reads it too
+        if loss.requires_grad:
+            loss.sum().backward()
 
 
 # The paper's layout (Table 1; gpu_check.paper_layout): long-term 6 attributes, short-term 4, H = 128.
@@ -284,9 +285,14 @@ def extreme_cases() -> list[Case]:
                                                                              zero=False, pos=False, seg=False)))
         cases.append(Case(f"gather zero mask only {n}", lambda dt=dt: gather_call(*PAPER_LONG, PAPER_WORDS, 2.5, dt,
                                                                                   pos=False, seg=False)))
+    # H = 1024 (any dtype) and ieee fp32 beyond H = 256 are not Triton configurations: impl="auto"
+    # must take the torch path (no launch); impl="triton" raises (tests/test_kernels_triton.py)
     for label, kw in (("fp32 params, bf16 autocast", dict(dtype=torch.float32, autocast=torch.bfloat16)),
                       ("fp32", dict(dtype=torch.float32)), ("bf16", dict(dtype=torch.bfloat16))):
-        cases.append(Case(f"ce H=1024 {label}", lambda kw=kw: ce_call(PAPER_SHORT[0], 1024, PAPER_M, **kw)))
+        cases.append(Case(f"ce H=1024 {label} (auto: torch path)", lambda kw=kw: _with_reference_stand_ins(
+            lambda: ce_call(PAPER_SHORT[0], 1024, PAPER_M, impl="auto", **kw))))
+        if label != "fp32":
+            cases.append(Case(f"ce H=512 {label}", lambda kw=kw: ce_call(PAPER_SHORT[0], 512, PAPER_M, **kw)))
         cases.append(Case(f"ce H=96 {label}", lambda kw=kw: ce_call(PAPER_SHORT[0], 96, PAPER_M, **kw)))
         cases.append(Case(f"ce one head V=2 {label}", lambda kw=kw: ce_call([2], 128, PAPER_M, **kw)))
         cases.append(Case(f"ce M=0 {label}", lambda kw=kw: ce_call(PAPER_LONG[0], 128, 0, **kw)))

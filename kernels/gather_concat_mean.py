@@ -154,7 +154,7 @@ def gather_concat_mean_reference(tables: list[torch.Tensor], attr_ids: torch.Ten
 # ----------------------------------------------------------------------------------------------
 
 
-@jit
+@jit(do_not_specialize=["n_words"])
 def _gcm_fwd_kernel(
     out_ptr,  # [n_words, D] output dtype, written once
     ids_ptr,  # int32/int64 [n_actions, K] attribute ids, row-major
@@ -211,7 +211,7 @@ def _gcm_fwd_kernel(
     tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=m2)
 
 
-@jit
+@jit(do_not_specialize=["n_words"])
 def _gcm_bwd_atomic_kernel(
     gflat_ptr,  # fp32 [sum_k V_k * D_k] every table's gradient, flat, zero-initialised
     gout_ptr,  # [n_words, D] upstream gradient
@@ -251,7 +251,7 @@ def _gcm_bwd_atomic_kernel(
         tl.atomic_add(ptrs, tl.where(ids != 0, g, 0.0), mask=m2, sem="relaxed")
 
 
-@jit
+@jit(do_not_specialize=["n_pairs"])
 def _gcm_bwd_sorted_kernel(
     gflat_ptr,  # fp32 [sum_k V_k * D_k] flat table gradients, zero-initialised
     gout_ptr,  # [n_words, D] upstream gradient
@@ -325,11 +325,11 @@ def _layout(vocabs: tuple[int, ...], dims: tuple[int, ...], device: torch.device
 
 def _word_blocks(D: int, backward: bool = False) -> tuple[int, int, int]:
     block_d = CONFIG["block_d"] or min(next_pow2(D), 256)
-    # GPU: ~2k elements per tile (16 words at D = 128) keeps 4 warps busy at 126 registers (4 blocks,
-    # 25% occupancy); the atomic backward holds 64-bit addresses per element and takes ~1k (8 words:
-    # 6 blocks instead of 3).  The interpreter costs ~2 ms per program: few, large programs.
-    elems = 16384 if interpreting() else (1024 if backward else 2048)
-    block_w = CONFIG["block_w"] or max(1, elems // block_d)
+    # GPU: ~1k elements per tile (8 words at D = 128, 8 per thread): the gathers hold a 64-bit
+    # address per element, and 2k (16 words) took 126-157 registers (18.8% occupancy; sm_100 spilled).
+    # The interpreter costs ~2 ms per program: few, large programs.
+    elems = 16384 if interpreting() else 1024
+    block_w = CONFIG["block_w"] or max(1, min(128, elems // block_d))  # <= 128 words: D = 1 too
     return block_w, block_d, CONFIG["num_warps"] or 4
 
 

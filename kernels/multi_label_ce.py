@@ -387,8 +387,9 @@ def _ce_bwd_dh_kernel(
         l0 = tl.load(lo, mask=rmask, other=0)
         cnt = tl.load(lo + 1, mask=rmask, other=0) - l0
         lg = tl.load(lg_ptr + hm, mask=rmask, other=0.0)
-        h32 = _to_dot(tl.load(h_ptr + rows.to(tl.int64)[:, None] * H + hc[None, :], mask=m2, other=0.0), DOT,
-                      UPCAST).to(tl.float32)
+        if BLOCK_K == BLOCK_H:
+            h32 = _to_dot(tl.load(h_ptr + rows.to(tl.int64)[:, None] * H + hc[None, :], mask=m2, other=0.0), DOT,
+                          UPCAST).to(tl.float32)
         for j in range(0, fmax(cnt, 0)):
             live = rmask & (j < cnt)
             y = tl.load(lab_ids_ptr + l0 + j, mask=live, other=0).to(tl.int64)
@@ -398,8 +399,17 @@ def _ce_bwd_dh_kernel(
                 wy = tl.load(w_base + y[:, None] * H + hc[None, :], mask=lm, other=0.0)
                 dh -= c[:, None] * _to_dot(wy, DOT, UPCAST).to(tl.float32)
             if NEED_DW:
-                tl.atomic_add(dw_ptr + (vs0 + y)[:, None] * H + hc[None, :], -c[:, None] * h32, mask=lm,
-                              sem="relaxed")
+                if BLOCK_K == BLOCK_H:
+                    tl.atomic_add(dw_ptr + (vs0 + y)[:, None] * H + hc[None, :], -c[:, None] * h32, mask=lm,
+                                  sem="relaxed")
+                else:  # wide H: the label rows' dWeight in BLOCK_K columns (bounded registers)
+                    for k0 in range(0, H, BLOCK_K):
+                        kc = k0 + tl.arange(0, BLOCK_K)
+                        km = live[:, None] & (kc < H)[None, :]
+                        hk = _to_dot(tl.load(h_ptr + rows.to(tl.int64)[:, None] * H + kc[None, :], mask=km,
+                                             other=0.0), DOT, UPCAST).to(tl.float32)
+                        tl.atomic_add(dw_ptr + (vs0 + y)[:, None] * H + kc[None, :], -c[:, None] * hk, mask=km,
+                                      sem="relaxed")
             if NEED_DB:
                 tl.atomic_add(db_ptr + vs0 + y, -c, mask=live, sem="relaxed")
     if NEED_DH:
@@ -492,9 +502,12 @@ def _blocks(M: int, H: int, w_dtype: torch.dtype = torch.float32, dot_dtype: tor
     """Tiles, warps and stages of the three passes, per dtype and per target (``props``:
     kernels.targets.GPUProps of the launch's device; None under the interpreter)."""
     block_h = max(16, next_pow2(H))
-    if block_h > 1024:
+    if block_h > 512:
+        # H = 1024 compiles, but pass 1 (the [rows, H] fp32 dHidden accumulator beside the label
+        # terms) spills 44-72 B at 255 registers on sm_80 / sm_90 even at 16 x 16 tiles
+        # (benchmarks/compile_gate.py); impl="auto" takes the torch path there.
         raise ValueError(f"{OP}: the Triton kernel keeps [rows, H] fp32 accumulators in registers and supports "
-                         f"H <= 1024, got H = {H}; use impl='torch'")
+                         f"H <= 512, got H = {H}; use impl='torch'")
     if interpreting() or props is None:
         # ~2 ms per program and ~0.1 ms per tl op whatever its size: few programs, wide tiles (numpy
         # does the tile math).
@@ -512,7 +525,8 @@ def _blocks(M: int, H: int, w_dtype: torch.dtype = torch.float32, dot_dtype: tor
         # second [rows, H] fp32 accumulator (dHidden) and the label atomics, pass 2 a resident
         # [BLOCK_V, H] weight tile and its [BLOCK_V, H] fp32 accumulator: both take 64 x 64 tiles
         # Before sm_90 (mma keeps both operands in registers, wgmma reads one from shared memory)
-        # the row blocks are halved.
+        # the row blocks are halved, and so are pass 2's for fp32 (TF32) operands; sm_100 takes 32
+        # vocabulary columns per forward tile when the weights are converted.
         # Beyond H = 256 both operands stream in 64-column K chunks and the tiles shrink with H.
         we, de = _ELT[w_dtype], _ELT[dot_dtype]
         edge = max(16, min(128, 16384 // block_h))
@@ -520,9 +534,12 @@ def _blocks(M: int, H: int, w_dtype: torch.dtype = torch.float32, dot_dtype: tor
         block_k = block_h if block_h <= 256 else 64
         hopper = props.capability >= 90
         quarter = max(16, edge // 4)
-        cfg = {"block_m": edge if hopper else half, "block_v": edge if we == de else half,
+        narrow = we == de == 2  # 16-bit weights and operands: nothing converted or held as fp32
+        cfg = {"block_m": edge if hopper and narrow else half,
+               "block_v": edge if narrow else (half if props.capability < 100 else quarter),
                "block_m1": half if hopper else quarter, "block_v1": half,
-               "block_m2": half if hopper or we == de else quarter, "block_v2": half, "block_k": block_k,
+               "block_m2": half if (hopper or we == de) and de == 2 else quarter, "block_v2": half,
+               "block_k": block_k,
                "v_chunk": 4096,
                "num_warps": 8, "num_warps1": 8, "num_warps2": 8}
         bm, bv, bm1, bv1, bm2, bv2 = (cfg[k] for k in ("block_m", "block_v", "block_m1", "block_v1", "block_m2",
@@ -533,6 +550,9 @@ def _blocks(M: int, H: int, w_dtype: torch.dtype = torch.float32, dot_dtype: tor
                                     bm * block_h * de + bm * bv * 4, props)
         cfg["num_stages1"] = _stages(bv1 * block_h * we, bm1 * block_h * de + bm1 * bv1 * 4, props)
         cfg["num_stages2"] = _stages(bm2 * block_h * 4, bv2 * block_h * de + bm2 * bv2 * 4, props)
+    elif block_h > 256:
+        raise ValueError(f"{OP}: ieee fp32 (TF32 off) runs on CUDA-core FMA dots, whose [rows, H] operands "
+                         f"spill beyond H = 256, got H = {H}; use impl='torch', TF32 or bf16 autocast")
     else:
         # ieee fp32 (TF32 off, torch's default): CUDA-core FMA dots.  An FMA dot holds, per thread, its
         # rows and columns of both operands over the whole K, so the logits stream over H in
@@ -817,11 +837,23 @@ def _grouped_triton(hidden, weights, biases, label_offsets, label_ids, normalize
     return _MultiLabelCETriton.apply(bool(normalize), dot, n, hidden, *weights, *biases, *label_offsets, *label_ids)
 
 
+def _triton_supports(hidden: torch.Tensor, weights: list[torch.Tensor]) -> bool:
+    """Whether the Triton kernels take this H and dtype on this device (_blocks raises otherwise):
+    ``impl="auto"`` then takes the torch path, ``impl="triton"`` raises _blocks' error."""
+    try:
+        _blocks(1, hidden.shape[-1], weights[0].dtype, dot_dtype_for(hidden, weights), _tf32(hidden.device),
+                gpu_props(hidden.device))
+    except ValueError:
+        return False
+    return True
+
+
 def multi_label_softmax_ce(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                            label_offsets: torch.Tensor, label_ids: torch.Tensor, normalize: bool = True, *,
                            impl: str = "auto") -> torch.Tensor:
     """Per-row multi-label softmax cross entropy, fp32 ``[M]`` (see the module docstring)."""
-    if resolve_impl(impl, hidden, weight, bias, label_offsets, label_ids, op=OP) == "triton":
+    if resolve_impl(impl, hidden, weight, bias, label_offsets, label_ids, op=OP) == "triton" and (
+            impl != "auto" or _triton_supports(hidden, [weight])):
         return _grouped_triton(hidden, [weight], [bias], [label_offsets], [label_ids], normalize)[0]
     return multi_label_softmax_ce_reference(hidden, weight, bias, label_offsets, label_ids, normalize)
 
@@ -843,7 +875,8 @@ def multi_label_softmax_ce_grouped(hidden: torch.Tensor, weights: list[torch.Ten
     if not (len(biases) == len(label_offsets) == len(label_ids) == n_heads) or n_heads == 0:
         raise ValueError(f"{OP}_grouped: expected one weight, bias, label_offsets and label_ids per head "
                          f"(>= 1 head), got {n_heads}, {len(biases)}, {len(label_offsets)}, {len(label_ids)}")
-    if resolve_impl(impl, hidden, weights, biases, label_offsets, label_ids, op=OP) == "triton":
+    if resolve_impl(impl, hidden, weights, biases, label_offsets, label_ids, op=OP) == "triton" and (
+            impl != "auto" or _triton_supports(hidden, weights)):
         return _grouped_triton(hidden, weights, biases, label_offsets, label_ids, normalize)
     rows = [multi_label_softmax_ce_reference(hidden, weights[k], biases[k], label_offsets[k], label_ids[k], normalize)
             for k in range(n_heads)]
