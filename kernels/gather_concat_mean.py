@@ -390,6 +390,9 @@ def _forward_triton(tables: list[torch.Tensor], attr_ids: torch.Tensor, word_off
     tables = [t.contiguous() for t in tables]  # no copy for nn.Embedding weights
     lay = _layout(tuple(int(t.shape[0]) for t in tables), dims, device)
     block_w, block_d, num_warps = _word_blocks(D)
+    vec = _vec(dims, tables, tables[0].element_size(), block_d)
+    if vec == 1 and not interpreting() and CONFIG["block_w"] is None:
+        block_w = max(1, block_w // 2)  # scalar gathers: twice the addresses live (sm_100 spilled at 8 words)
     dummy = out  # never read: the matching HAS_* flag is off
     _gcm_fwd_kernel[(cdiv(n_words, block_w), cdiv(D, block_d))](
         out, attr_ids.contiguous(), word_offsets.contiguous(), ptr_array(tables),
@@ -401,7 +404,7 @@ def _forward_triton(tables: list[torch.Tensor], attr_ids: torch.Tensor, word_off
         seg_vec.contiguous() if seg_vec is not None else dummy,
         n_words, D, K,
         TAB_DTYPE=tl_dtype(tables[0].dtype), BLOCK_W=block_w, BLOCK_D=block_d,
-        VEC=_vec(dims, tables, tables[0].element_size(), block_d),
+        VEC=vec,
         HAS_ZERO=zero_mask is not None, HAS_ADD=add is not None, HAS_POS=pos_table is not None,
         HAS_SEG=seg_vec is not None, num_warps=num_warps,
     )
