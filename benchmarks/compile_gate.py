@@ -210,6 +210,8 @@ def gather_call(vocabs, dims, n_words, actions_per_word, dtype, *, zero=True, po
         kw["pos_table"], kw["word_pos"] = _t(n_positions, D, dtype=dtype, grad=True), _t(n_words, dtype=index_dtype)
     if seg:
         kw["seg_vec"] = _t(D, dtype=dtype, grad=True)
+    if not backward:  # forward only
+        gcm.gather_concat_mean(tables, attr_ids, offs, impl="triton", **kw)
     for variant in backward:
         out = gcm.gather_concat_mean(tables, attr_ids, offs, impl="triton", backward=variant, **kw)
         out.backward(torch.empty_like(out))
