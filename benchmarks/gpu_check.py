@@ -435,19 +435,37 @@ def time_ce(seg, sl, H, device, reps, warmup, autocast: bool, only: tuple[str, .
     return out
 
 
-def time_train_step(layout, user_vocabs, H, batch, device, reps, warmup) -> dict:
-    from engine.config import MaskingConfig, ModelConfig, SegmentVocab, VocabSpec
+def paper_model(layout, user_vocabs, H, impl: str, device):
+    """engine.model.UserBERT at the paper's configuration (L=4, A=4) over ``layout``."""
+    from engine.config import ModelConfig, SegmentVocab, VocabSpec
     from engine.model import UserBERT
 
     spec = VocabSpec([SegmentVocab(s.name, s.attributes, s.vocabs, s.dims, s.num_positions, s.max_words)
                       for s in layout], [f"u{j}" for j in range(len(user_vocabs))], list(user_vocabs))
+    cfg = ModelConfig(hidden=H, layers=4, heads=4, dropout=0.1, attn_dropout=0.1, kernel_impl=impl)
+    return UserBERT(cfg, spec).to(device)
+
+
+def train_step_launches(layout, user_vocabs, H, batch, device) -> None:
+    """One forward + backward of time_train_step's step (bf16 autocast), no optimiser: the kernel
+    launches of a training step, for benchmarks/compile_gate.py (which runs it on meta tensors)."""
+    from engine.config import MaskingConfig
+
+    model = paper_model(layout, user_vocabs, H, "triton", device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        loss, _ = model.pretrain_loss(batch, MaskingConfig())
+    loss.backward()
+
+
+def time_train_step(layout, user_vocabs, H, batch, device, reps, warmup) -> dict:
+    from engine.config import MaskingConfig
+
     out = {"users": batch.batch_size, "tokens": int(batch.seq_lens.sum()), "T": batch.max_len}
     masking = MaskingConfig()
 
     def one(impl: str) -> dict:
         torch.manual_seed(0)
-        cfg = ModelConfig(hidden=H, layers=4, heads=4, dropout=0.1, attn_dropout=0.1, kernel_impl=impl)
-        model = UserBERT(cfg, spec).to(device)
+        model = paper_model(layout, user_vocabs, H, impl, device)
         # as engine/trainer.py: fused AdamW, clipping at 1.0
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         losses = []

@@ -15,6 +15,8 @@ import os
 
 import torch
 
+from kernels.targets import capturing
+
 try:  # Triton is a declared dependency; a broken or missing install leaves the torch path working.
     import triton
     import triton.language as tl
@@ -23,9 +25,14 @@ except Exception:  # pragma: no cover - exercised only on machines without trito
     tl = None
 
 
-def jit(fn):
-    """``triton.jit`` when Triton is importable, else the function unchanged (never launched)."""
-    return triton.jit(fn) if triton is not None else fn
+def jit(fn=None, **kwargs):
+    """``triton.jit`` when Triton is importable, else the function unchanged (never launched).
+    ``@jit(do_not_specialize=[...])`` passes Triton's options: the kernels do not specialise on
+    their row counts (M varies every batch; specialising on its divisibility by 16 would compile
+    each kernel twice and buys nothing where it only bounds masks)."""
+    if fn is None:
+        return lambda f: jit(f, **kwargs)
+    return triton.jit(fn, **kwargs) if triton is not None else fn
 
 
 def helper(fn):
@@ -68,8 +75,9 @@ fsum, fmax = _reductions()
 
 
 def interpreting() -> bool:
-    """True when Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``).  False while the
+    compile gate captures launches for a GPU target (kernels/targets.py): nothing runs then."""
+    return capturing() is None and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def next_pow2(n: int) -> int:

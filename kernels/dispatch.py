@@ -20,6 +20,8 @@ from typing import Literal
 
 import torch
 
+from kernels.targets import is_gpu
+
 IMPLS = ("auto", "triton", "torch")
 
 _TRITON_OPS: set[str] = set()
@@ -93,7 +95,7 @@ def resolve_impl(impl: str, *tensors, op: str | None = None) -> Literal["triton"
     if impl == "torch":
         return "torch"
     ts = _flat_tensors(tensors)
-    on_cuda = bool(ts) and all(t.is_cuda for t in ts)
+    on_cuda = bool(ts) and all(is_gpu(t.device) for t in ts)  # meta counts while the compile gate captures
     if impl == "auto":
         ok = on_cuda and triton_importable() and (op is None or triton_registered(op))
         return "triton" if ok else "torch"

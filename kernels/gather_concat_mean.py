@@ -154,7 +154,7 @@ def gather_concat_mean_reference(tables: list[torch.Tensor], attr_ids: torch.Ten
 # ----------------------------------------------------------------------------------------------
 
 
-@jit
+@jit(do_not_specialize=["n_words"])
 def _gcm_fwd_kernel(
     out_ptr,  # [n_words, D] output dtype, written once
     ids_ptr,  # int32/int64 [n_actions, K] attribute ids, row-major
@@ -169,6 +169,7 @@ def _gcm_fwd_kernel(
     n_words, D, K,
     TAB_DTYPE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_ZERO: tl.constexpr, HAS_ADD: tl.constexpr, HAS_POS: tl.constexpr, HAS_SEG: tl.constexpr,
+    VEC: tl.constexpr,  # every D_k and table base is a multiple of VEC elements (16 bytes): vector gathers
 ):
     words = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)  # [BLOCK_W]
     wmask = words < n_words
@@ -190,8 +191,13 @@ def _gcm_fwd_kernel(
         # Every column loads its own table's id of action start + j: K distinct values per word, the
         # rest are L1 hits.
         ids = tl.load(ids_ptr + (start + j)[:, None] * K + k[None, :], mask=m2, other=0).to(tl.int64)
-        m2 = m2 & (ids != 0)  # padding adds nothing but stays in the count
-        acc += tl.load(base[None, :] + ids * dk[None, :] + ck[None, :], mask=m2, other=0.0).to(tl.float32)
+        ptrs = base[None, :] + ids * dk[None, :] + ck[None, :]
+        if VEC > 1:  # runs of VEC columns lie in one table, one row: contiguous and 16-byte aligned
+            ptrs = tl.max_contiguous(tl.multiple_of(ptrs, [1, 16]), [1, VEC])
+        # The mask stays per word and column (a per-id mask would keep the load scalar): padding id 0
+        # reads row 0, which exists, and adds nothing but stays in the count.
+        row = tl.load(ptrs, mask=m2, other=0.0).to(tl.float32)
+        acc += tl.where(ids != 0, row, 0.0)
     acc = acc / tl.maximum(count, 1).to(tl.float32)[:, None]  # empty words: 0 / 1
     m2 = wmask[:, None] & cmask[None, :]
     rows = words.to(tl.int64)[:, None] * D + cols[None, :]  # [BLOCK_W, BLOCK_D] flat output index
@@ -205,7 +211,7 @@ def _gcm_fwd_kernel(
     tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=m2)
 
 
-@jit
+@jit(do_not_specialize=["n_words"])
 def _gcm_bwd_atomic_kernel(
     gflat_ptr,  # fp32 [sum_k V_k * D_k] every table's gradient, flat, zero-initialised
     gout_ptr,  # [n_words, D] upstream gradient
@@ -216,6 +222,7 @@ def _gcm_bwd_atomic_kernel(
     zero_ptr,  # uint8 [n_words] (HAS_ZERO): zeroed words pass no gradient to the tables
     n_words, D, K,
     BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ZERO: tl.constexpr,
+    VEC: tl.constexpr,  # as in the forward, for the fp32 gradient rows (VEC * 4 bytes)
 ):
     words = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
     wmask = words < n_words
@@ -236,11 +243,15 @@ def _gcm_bwd_atomic_kernel(
     for j in range(0, n_iter):
         m2 = (active & (j < count))[:, None] & cmask[None, :]
         ids = tl.load(ids_ptr + (start + j)[:, None] * K + k[None, :], mask=m2, other=0).to(tl.int64)
-        m2 = m2 & (ids != 0)  # row 0 (padding) gets no gradient
-        tl.atomic_add(gflat_ptr + goff[None, :] + ids * dk[None, :], g, mask=m2, sem="relaxed")
+        ptrs = gflat_ptr + goff[None, :] + ids * dk[None, :]
+        if VEC > 1:
+            ptrs = tl.max_contiguous(tl.multiple_of(ptrs, [1, VEC * 4]), [1, VEC])
+        # row 0 (padding) gets no gradient: it receives exact zeros (real data never carries id 0), so
+        # that the mask stays per word and column, as in the forward
+        tl.atomic_add(ptrs, tl.where(ids != 0, g, 0.0), mask=m2, sem="relaxed")
 
 
-@jit
+@jit(do_not_specialize=["n_pairs"])
 def _gcm_bwd_sorted_kernel(
     gflat_ptr,  # fp32 [sum_k V_k * D_k] flat table gradients, zero-initialised
     gout_ptr,  # [n_words, D] upstream gradient
@@ -266,7 +277,7 @@ def _gcm_bwd_sorted_kernel(
     count = tl.load(offs_ptr + w + 1, mask=valid, other=1).to(tl.int64) - tl.load(offs_ptr + w, mask=valid, other=0)
     dk = tl.load(tab_dim_ptr + k, mask=valid, other=0)
     c0 = tl.load(tab_col_ptr + k, mask=valid, other=0).to(tl.int64)
-    d = tl.arange(0, BLOCK_DK)
+    d = tl.program_id(1) * BLOCK_DK + tl.arange(0, BLOCK_DK)  # this program's columns of the rows
     m2 = valid[:, None] & (d[None, :] < dk[:, None])
     g = tl.load(gout_ptr + w[:, None] * D + c0[:, None] + d[None, :], mask=m2, other=0.0).to(tl.float32)
     g = g / tl.maximum(count, 1).to(tl.float32)[:, None]  # [BLOCK_E, BLOCK_DK]
@@ -284,7 +295,8 @@ def _gcm_bwd_sorted_kernel(
 
 # Block-size overrides (None: the heuristics below).  Tests shrink them to cover multi-program and
 # multi-column-block paths; benchmarks/gpu_check.py may sweep them.
-CONFIG: dict[str, int | None] = {"block_w": None, "block_d": None, "block_e": None, "num_warps": None}
+CONFIG: dict[str, int | None] = {"block_w": None, "block_d": None, "block_e": None, "block_dk": None,
+                                 "num_warps": None}
 SENTINEL = 1 << 62  # key of pairs that add nothing (padding id, zeroed word); sorts after every row
 
 
@@ -311,12 +323,24 @@ def _layout(vocabs: tuple[int, ...], dims: tuple[int, ...], device: torch.device
     }
 
 
-def _word_blocks(D: int) -> tuple[int, int, int]:
+def _word_blocks(D: int, backward: bool = False) -> tuple[int, int, int]:
     block_d = CONFIG["block_d"] or min(next_pow2(D), 256)
-    # GPU: ~2k elements per tile (16 words at D = 128) keeps 4 warps busy without spilling; the
-    # interpreter costs ~2 ms per program, so it gets few, large programs.
-    block_w = CONFIG["block_w"] or max(1, (16384 if interpreting() else 2048) // block_d)
+    # GPU: ~1k elements per tile (8 words at D = 128, 8 per thread): the gathers hold a 64-bit
+    # address per element, and 2k (16 words) took 126-157 registers (18.8% occupancy; sm_100 spilled).
+    # The interpreter costs ~2 ms per program: few, large programs.
+    elems = 16384 if interpreting() else 1024
+    block_w = CONFIG["block_w"] or max(1, min(128, elems // block_d))  # <= 128 words: D = 1 too
     return block_w, block_d, CONFIG["num_warps"] or 4
+
+
+def _vec(dims: tuple[int, ...], tensors: list[torch.Tensor], elt: int, block_d: int) -> int:
+    """Columns per vector access: 16 bytes when every D_k, the column tile and every base pointer
+    allow it (runs of VEC columns then never straddle two tables), else 1 (scalar, always right)."""
+    vec = max(1, 16 // elt)
+    while vec > 1 and (any(d % vec for d in dims) or block_d % vec
+                       or any(t.data_ptr() % (vec * elt) for t in tensors)):
+        vec //= 2
+    return vec
 
 
 def _extras_dtype(tables, add, pos_table, seg_vec) -> torch.dtype:
@@ -366,6 +390,9 @@ def _forward_triton(tables: list[torch.Tensor], attr_ids: torch.Tensor, word_off
     tables = [t.contiguous() for t in tables]  # no copy for nn.Embedding weights
     lay = _layout(tuple(int(t.shape[0]) for t in tables), dims, device)
     block_w, block_d, num_warps = _word_blocks(D)
+    vec = _vec(dims, tables, tables[0].element_size(), block_d)
+    if vec == 1 and not interpreting() and CONFIG["block_w"] is None:
+        block_w = max(1, block_w // 2)  # scalar gathers: twice the addresses live (sm_100 spilled at 8 words)
     dummy = out  # never read: the matching HAS_* flag is off
     _gcm_fwd_kernel[(cdiv(n_words, block_w), cdiv(D, block_d))](
         out, attr_ids.contiguous(), word_offsets.contiguous(), ptr_array(tables),
@@ -377,6 +404,7 @@ def _forward_triton(tables: list[torch.Tensor], attr_ids: torch.Tensor, word_off
         seg_vec.contiguous() if seg_vec is not None else dummy,
         n_words, D, K,
         TAB_DTYPE=tl_dtype(tables[0].dtype), BLOCK_W=block_w, BLOCK_D=block_d,
+        VEC=vec,
         HAS_ZERO=zero_mask is not None, HAS_ADD=add is not None, HAS_POS=pos_table is not None,
         HAS_SEG=seg_vec is not None, num_warps=num_warps,
     )
@@ -401,11 +429,12 @@ def _backward_triton(grad_out: torch.Tensor, shapes: list[tuple[int, int]], dtyp
         grad_out, attr_ids, word_offsets = grad_out.contiguous(), attr_ids.contiguous(), word_offsets.contiguous()
         zero_u8 = zero_mask.view(torch.uint8) if zero_mask is not None else None
         if backward == "atomic":
-            block_w, block_d, num_warps = _word_blocks(D)
+            block_w, block_d, num_warps = _word_blocks(D, backward=True)
             _gcm_bwd_atomic_kernel[(cdiv(n_words, block_w), cdiv(D, block_d))](
                 gflat, grad_out, attr_ids, word_offsets, lay["col_tab"], lay["col_dim"], lay["col_goff"],
                 zero_u8 if zero_u8 is not None else gflat, n_words, D, K,
-                BLOCK_W=block_w, BLOCK_D=block_d, HAS_ZERO=zero_mask is not None, num_warps=num_warps,
+                BLOCK_W=block_w, BLOCK_D=block_d, HAS_ZERO=zero_mask is not None,
+                VEC=_vec(dims, [gflat], 4, block_d), num_warps=num_warps,
             )
         else:
             _backward_sorted(gflat, grad_out, attr_ids, word_offsets, zero_mask, lay, n_words, D, K, max(dims))
@@ -427,10 +456,16 @@ def _backward_sorted(gflat, grad_out, attr_ids, word_offsets, zero_mask, lay, n_
     if zero_mask is not None:
         drop |= zero_mask.index_select(0, woa)[:, None]
     skeys, perm = torch.sort(keys.masked_fill_(drop, SENTINEL).view(-1))  # [n_actions * K]
-    block_e = CONFIG["block_e"] or (256 if interpreting() else 64)
+    # GPU: the run sums are an ieee fp32 tl.dot, i.e. CUDA-core FMAs whose registers grow with
+    # BLOCK_E x (BLOCK_E + BLOCK_DK): 32 pairs x 32 columns per program (a second grid axis covers
+    # wider rows); BLOCK_E = 64 x 64 columns spilled 2-5 KB at 255 registers.
+    interp = interpreting()
+    block_e = CONFIG["block_e"] or (256 if interp else 32)
     block_dk = max(16, next_pow2(max_dim))  # tl.dot wants >= 16 on GPUs
+    if not interp:
+        block_dk = min(block_dk, CONFIG["block_dk"] or 32)
     n_pairs = n_actions * K
-    _gcm_bwd_sorted_kernel[(cdiv(n_pairs, block_e),)](
+    _gcm_bwd_sorted_kernel[(cdiv(n_pairs, block_e), cdiv(max_dim, block_dk))](
         gflat, grad_out, skeys, perm, woa.to(torch.int32), word_offsets, lay["tab_dim"], lay["tab_col"],
         n_pairs, D, K, SENTINEL, BLOCK_E=block_e, BLOCK_DK=block_dk, num_warps=CONFIG["num_warps"] or 4,
     )

@@ -57,6 +57,7 @@ from kernels._triton_utils import (
     tl_dtype,
 )
 from kernels.dispatch import register_triton, resolve_impl
+from kernels.targets import gpu_props, is_gpu, launch_device_type
 
 OP = "multi_label_softmax_ce"
 
@@ -241,7 +242,27 @@ def _mm(a, b, DOT: tl.constexpr, UPCAST: tl.constexpr, TF32: tl.constexpr):
     return out
 
 
-@jit
+@helper
+def _logits_k(h_ptr, w_base, rows, rmask, vs, vmask, H, DOT: tl.constexpr, UPCAST: tl.constexpr,
+              TF32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``h[rows] @ w[vs].T`` fp32 ``[BLOCK_M, BLOCK_V]``, streamed over H in BLOCK_K columns.
+
+    The path for CUDA-core (FMA) dots, i.e. ieee fp32: an FMA dot keeps, per thread, its rows and
+    columns of both operands over the whole K, so K = H = 128 spills at any tile size; a short K
+    bounds the registers.  Both operand chunks come from L1/L2 (the tiles are re-read per chunk).
+    """
+    z = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+    r64, v64 = rows.to(tl.int64), vs.to(tl.int64)
+    for k0 in range(0, H, BLOCK_K):
+        kc = k0 + tl.arange(0, BLOCK_K)
+        kmask = kc < H
+        hk = tl.load(h_ptr + r64[:, None] * H + kc[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        wk = tl.load(w_base + v64[:, None] * H + kc[None, :], mask=vmask[:, None] & kmask[None, :], other=0.0)
+        z += _mm(_to_dot(hk, DOT, UPCAST), tl.trans(_to_dot(wk, DOT, UPCAST)), DOT, UPCAST, TF32)
+    return z
+
+
+@jit(do_not_specialize=["M"])
 def _ce_fwd_kernel(
     part_ptr,  # fp32 [n_heads * MAX_ITEMS, M] partial log-sum-exp of each (item, row); -inf: unused slot
     zlab_ptr,  # fp32 [n_heads, M] each row's label logits, summed (x 1/|Y| when NORMALIZE)
@@ -255,29 +276,34 @@ def _ce_fwd_kernel(
     M, H,
     W_DTYPE: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr, TF32: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # BLOCK_K == BLOCK_H: the row block's hidden stays resident as the tensor-core operand and each
+    # step loads one [BLOCK_V, H] weight tile; BLOCK_K < BLOCK_H: both stream in K chunks (FMA dots).
     item = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     hc = tl.arange(0, BLOCK_H)
     hmask = hc < H
-    h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * H + hc[None, :], mask=rmask[:, None] & hmask[None, :],
-                other=0.0)
-    hq = _to_dot(h, DOT, UPCAST)  # [BLOCK_M, BLOCK_H], resident for the whole chunk
+    m2 = rmask[:, None] & hmask[None, :]
     head = tl.load(item_head_ptr + item)
     v0 = tl.load(item_v0_ptr + item)
     v1 = tl.load(item_v1_ptr + item)
     w_base = tl.load(w_ptrs + head).to(tl.pointer_type(W_DTYPE))
     vs0 = tl.load(vstart_ptr + head)
+    if BLOCK_K == BLOCK_H:
+        hq = _to_dot(tl.load(h_ptr + rows.to(tl.int64)[:, None] * H + hc[None, :], mask=m2, other=0.0), DOT, UPCAST)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     s_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for v in range(v0, v1, BLOCK_V):
         vs = v + tl.arange(0, BLOCK_V)
         vmask = vs < v1
-        w = tl.load(w_base + vs.to(tl.int64)[:, None] * H + hc[None, :], mask=vmask[:, None] & hmask[None, :],
-                    other=0.0)  # [BLOCK_V, BLOCK_H]
-        z = _mm(hq, tl.trans(_to_dot(w, DOT, UPCAST)), DOT, UPCAST, TF32)  # [BLOCK_M, BLOCK_V] logits
+        if BLOCK_K == BLOCK_H:
+            w = tl.load(w_base + vs.to(tl.int64)[:, None] * H + hc[None, :], mask=vmask[:, None] & hmask[None, :],
+                        other=0.0)  # [BLOCK_V, BLOCK_H]
+            z = _mm(hq, tl.trans(_to_dot(w, DOT, UPCAST)), DOT, UPCAST, TF32)  # [BLOCK_M, BLOCK_V] logits
+        else:
+            z = _logits_k(h_ptr, w_base, rows, rmask, vs, vmask, H, DOT, UPCAST, TF32, BLOCK_M, BLOCK_V, BLOCK_K)
         if HAS_BIAS:
             z += tl.load(b_ptr + vs0 + vs, mask=vmask, other=0.0)[None, :]
         z = tl.where(vmask[None, :], z, float("-inf"))
@@ -290,7 +316,9 @@ def _ce_fwd_kernel(
         lo = lab_offs_ptr + head.to(tl.int64) * (M + 1) + rows
         l0 = tl.load(lo, mask=rmask, other=0)
         cnt = tl.load(lo + 1, mask=rmask, other=0) - l0
-        h32 = hq.to(tl.float32)  # the same rounded operands as the tiles
+        # the same rounded operands as the tiles
+        h32 = _to_dot(tl.load(h_ptr + rows.to(tl.int64)[:, None] * H + hc[None, :], mask=m2, other=0.0), DOT,
+                      UPCAST).to(tl.float32)
         acc = tl.zeros([BLOCK_M], dtype=tl.float32)
         for j in range(0, fmax(cnt, 0)):
             live = rmask & (j < cnt)
@@ -305,7 +333,7 @@ def _ce_fwd_kernel(
         tl.store(zlab_ptr + head.to(tl.int64) * M + rows, acc, mask=rmask)
 
 
-@jit
+@jit(do_not_specialize=["M"])
 def _ce_bwd_dh_kernel(
     dh_ptr,  # fp32 [M, H] dHidden, zero-initialised; each item atomically adds its chunk's part (NEED_DH)
     dw_ptr,  # fp32 [sum_k V_k, H] flat dWeight: the label rows' sparse part, atomics (NEED_DW)
@@ -319,7 +347,7 @@ def _ce_bwd_dh_kernel(
     M, H,
     W_DTYPE: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr, TF32: tl.constexpr, HAS_BIAS: tl.constexpr,
     NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     item = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -327,7 +355,6 @@ def _ce_bwd_dh_kernel(
     hc = tl.arange(0, BLOCK_H)
     hmask = hc < H
     m2 = rmask[:, None] & hmask[None, :]
-    hq = _to_dot(tl.load(h_ptr + rows.to(tl.int64)[:, None] * H + hc[None, :], mask=m2, other=0.0), DOT, UPCAST)
     head = tl.load(item_head_ptr + item)
     v0 = tl.load(item_v0_ptr + item)
     v1 = tl.load(item_v1_ptr + item)
@@ -336,6 +363,9 @@ def _ce_bwd_dh_kernel(
     hm = head.to(tl.int64) * M + rows
     dh = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
     if NEED_DH:
+        if BLOCK_K == BLOCK_H:
+            hq = _to_dot(tl.load(h_ptr + rows.to(tl.int64)[:, None] * H + hc[None, :], mask=m2, other=0.0), DOT,
+                         UPCAST)
         lse = tl.load(lse_ptr + hm, mask=rmask, other=0.0)
         a = tl.load(a_ptr + hm, mask=rmask, other=0.0)
         for v in range(v0, v1, BLOCK_V):
@@ -343,7 +373,10 @@ def _ce_bwd_dh_kernel(
             vmask = vs < v1
             wq = _to_dot(tl.load(w_base + vs.to(tl.int64)[:, None] * H + hc[None, :],
                                  mask=vmask[:, None] & hmask[None, :], other=0.0), DOT, UPCAST)
-            z = _mm(hq, tl.trans(wq), DOT, UPCAST, TF32)
+            if BLOCK_K == BLOCK_H:
+                z = _mm(hq, tl.trans(wq), DOT, UPCAST, TF32)
+            else:
+                z = _logits_k(h_ptr, w_base, rows, rmask, vs, vmask, H, DOT, UPCAST, TF32, BLOCK_M, BLOCK_V, BLOCK_K)
             if HAS_BIAS:
                 z += tl.load(b_ptr + vs0 + vs, mask=vmask, other=0.0)[None, :]
             p = tl.exp(z - lse[:, None]) * a[:, None]  # dz's dense part, [BLOCK_M, BLOCK_V]
@@ -354,7 +387,9 @@ def _ce_bwd_dh_kernel(
         l0 = tl.load(lo, mask=rmask, other=0)
         cnt = tl.load(lo + 1, mask=rmask, other=0) - l0
         lg = tl.load(lg_ptr + hm, mask=rmask, other=0.0)
-        h32 = hq.to(tl.float32)
+        if BLOCK_K == BLOCK_H:
+            h32 = _to_dot(tl.load(h_ptr + rows.to(tl.int64)[:, None] * H + hc[None, :], mask=m2, other=0.0), DOT,
+                          UPCAST).to(tl.float32)
         for j in range(0, fmax(cnt, 0)):
             live = rmask & (j < cnt)
             y = tl.load(lab_ids_ptr + l0 + j, mask=live, other=0).to(tl.int64)
@@ -364,15 +399,24 @@ def _ce_bwd_dh_kernel(
                 wy = tl.load(w_base + y[:, None] * H + hc[None, :], mask=lm, other=0.0)
                 dh -= c[:, None] * _to_dot(wy, DOT, UPCAST).to(tl.float32)
             if NEED_DW:
-                tl.atomic_add(dw_ptr + (vs0 + y)[:, None] * H + hc[None, :], -c[:, None] * h32, mask=lm,
-                              sem="relaxed")
+                if BLOCK_K == BLOCK_H:
+                    tl.atomic_add(dw_ptr + (vs0 + y)[:, None] * H + hc[None, :], -c[:, None] * h32, mask=lm,
+                                  sem="relaxed")
+                else:  # wide H: the label rows' dWeight in BLOCK_K columns (bounded registers)
+                    for k0 in range(0, H, BLOCK_K):
+                        kc = k0 + tl.arange(0, BLOCK_K)
+                        km = live[:, None] & (kc < H)[None, :]
+                        hk = _to_dot(tl.load(h_ptr + rows.to(tl.int64)[:, None] * H + kc[None, :], mask=km,
+                                             other=0.0), DOT, UPCAST).to(tl.float32)
+                        tl.atomic_add(dw_ptr + (vs0 + y)[:, None] * H + kc[None, :], -c[:, None] * hk, mask=km,
+                                      sem="relaxed")
             if NEED_DB:
                 tl.atomic_add(db_ptr + vs0 + y, -c, mask=live, sem="relaxed")
     if NEED_DH:
         tl.atomic_add(dh_ptr + rows.to(tl.int64)[:, None] * H + hc[None, :], dh, mask=m2, sem="relaxed")
 
 
-@jit
+@jit(do_not_specialize=["M"])
 def _ce_bwd_dw_kernel(
     dw_ptr,  # fp32 [sum_k V_k, H] flat dWeight: holds pass 1's label part; this adds the dense part (NEED_DW)
     db_ptr,  # fp32 [sum_k V_k] flat dBias, likewise (NEED_DB)
@@ -383,7 +427,7 @@ def _ce_bwd_dw_kernel(
     M, H,
     W_DTYPE: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr, TF32: tl.constexpr, HAS_BIAS: tl.constexpr,
     NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     t = tl.program_id(0)
     head = tl.load(tile_head_ptr + t)
@@ -394,8 +438,9 @@ def _ce_bwd_dw_kernel(
     wm = vmask[:, None] & hmask[None, :]
     w_base = tl.load(w_ptrs + head).to(tl.pointer_type(W_DTYPE))
     vs0 = tl.load(vstart_ptr + head)
-    wq = _to_dot(tl.load(w_base + vs.to(tl.int64)[:, None] * H + hc[None, :], mask=wm, other=0.0), DOT,
-                 UPCAST)  # [BLOCK_V, BLOCK_H], resident
+    if BLOCK_K == BLOCK_H:
+        wq = _to_dot(tl.load(w_base + vs.to(tl.int64)[:, None] * H + hc[None, :], mask=wm, other=0.0), DOT,
+                     UPCAST)  # [BLOCK_V, BLOCK_H], resident
     if HAS_BIAS:
         b = tl.load(b_ptr + vs0 + vs, mask=vmask, other=0.0)
     dw = tl.zeros([BLOCK_V, BLOCK_H], dtype=tl.float32)
@@ -408,7 +453,10 @@ def _ce_bwd_dw_kernel(
         hm = head.to(tl.int64) * M + rows
         lse = tl.load(lse_ptr + hm, mask=rmask, other=0.0)
         a = tl.load(a_ptr + hm, mask=rmask, other=0.0)
-        z = _mm(hq, tl.trans(wq), DOT, UPCAST, TF32)
+        if BLOCK_K == BLOCK_H:
+            z = _mm(hq, tl.trans(wq), DOT, UPCAST, TF32)
+        else:
+            z = _logits_k(h_ptr, w_base, rows, rmask, vs, vmask, H, DOT, UPCAST, TF32, BLOCK_M, BLOCK_V, BLOCK_K)
         if HAS_BIAS:
             z += b[None, :]
         p = tl.exp(z - lse[:, None]) * a[:, None]
@@ -432,32 +480,97 @@ def _ce_bwd_dw_kernel(
 # ----------------------------------------------------------------------------------------------
 
 # Block-size overrides (None: the heuristics in _blocks).  Tests shrink them to cover several row
-# blocks, chunks and tiles; benchmarks/gpu_check.py may sweep them.
+# blocks, chunks and tiles; benchmarks/gpu_check.py may sweep them.  Pass 1 (dHidden) and pass 2
+# (dWeight) have their own warps and stages (num_warps1/2, num_stages1/2); num_warps / num_stages
+# override all three passes.
 CONFIG: dict[str, int | None] = {"block_m": None, "block_v": None, "v_chunk": None, "block_m1": None,
-                                 "block_m2": None, "block_v2": None, "num_warps": None, "num_stages": None}
+                                 "block_v1": None, "block_m2": None, "block_v2": None, "block_k": None,
+                                 "num_warps": None, "num_stages": None}
+
+_ELT = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.float64: 8}
 
 
-def _blocks(M: int, H: int) -> dict[str, int]:
+def _stages(per_stage: int, fixed: int, props, most: int = 3) -> int:
+    """Software-pipeline depth: as many stages of ``per_stage`` bytes (the streamed tile) as fit the
+    target's shared memory per block next to ``fixed`` bytes (resident operands, scratch), 1..most."""
+    room = props.shared_per_block - fixed
+    return max(1, min(most, room // max(per_stage, 1)))
+
+
+def _blocks(M: int, H: int, w_dtype: torch.dtype = torch.float32, dot_dtype: torch.dtype = torch.float32,
+            tf32: bool = False, props=None) -> dict[str, int]:
+    """Tiles, warps and stages of the three passes, per dtype and per target (``props``:
+    kernels.targets.GPUProps of the launch's device; None under the interpreter)."""
     block_h = max(16, next_pow2(H))
     if block_h > 512:
-        raise ValueError(f"{OP}: the Triton kernel keeps a row's hidden vector in registers and supports "
+        # H = 1024 compiles, but pass 1 (the [rows, H] fp32 dHidden accumulator beside the label
+        # terms) spills 44-72 B at 255 registers on sm_80 / sm_90 even at 16 x 16 tiles
+        # (benchmarks/compile_gate.py); impl="auto" takes the torch path there.
+        raise ValueError(f"{OP}: the Triton kernel keeps [rows, H] fp32 accumulators in registers and supports "
                          f"H <= 512, got H = {H}; use impl='torch'")
-    if interpreting():
+    if interpreting() or props is None:
         # ~2 ms per program and ~0.1 ms per tl op whatever its size: few programs, wide tiles (numpy
         # does the tile math).
         block_m = min(128, max(16, next_pow2(M)))
-        cfg = {"block_m": block_m, "block_v": 1024, "v_chunk": 8192, "block_m1": block_m, "block_m2": block_m,
-               "block_v2": 2048, "num_warps": 4, "num_stages": 1}
-    else:
-        # GPU: H = 128 gives 128 x 128 tiles (bf16 operands, fp32 accumulators, 8 warps); tiles shrink
-        # as H grows so that the resident [rows, H] operand stays in registers.  Pass 1 holds a second
-        # [rows, H] fp32 accumulator (dHidden), so it takes half the rows.  V_CHUNK = 4096 splits an
-        # 85k head into 21 work items, the same size as a smaller head's.
+        cfg = {"block_m": block_m, "block_v": 1024, "v_chunk": 8192, "block_m1": block_m, "block_v1": 1024,
+               "block_m2": block_m, "block_v2": 2048, "block_k": block_h, "num_warps": 4, "num_stages": 1}
+        for p in "12":
+            cfg[f"num_warps{p}"], cfg[f"num_stages{p}"] = 4, 1
+    elif dot_dtype != torch.float32 or tf32:
+        # Tensor cores (mma on sm_80, wgmma on sm_90, tcgen05 on sm_100).  Up to H = 256 the row
+        # block's hidden stays resident as an operand (BLOCK_K = H) and [BLOCK_V, H] weight tiles
+        # stream through shared memory, as many stages deep as the target's shared memory allows.
+        # Weights in another dtype than the operands (fp32 parameters under bf16 autocast) are
+        # staged as they are and converted in registers: half the vocabulary tile.  Pass 1 holds a
+        # second [rows, H] fp32 accumulator (dHidden) and the label atomics, pass 2 a resident
+        # [BLOCK_V, H] weight tile and its [BLOCK_V, H] fp32 accumulator: both take 64 x 64 tiles
+        # Before sm_90 (mma keeps both operands in registers, wgmma reads one from shared memory)
+        # the row blocks are halved, and so are pass 2's for fp32 (TF32) operands; sm_100 takes 32
+        # vocabulary columns per forward tile when the weights are converted.
+        # Beyond H = 256 both operands stream in 64-column K chunks and the tiles shrink with H.
+        we, de = _ELT[w_dtype], _ELT[dot_dtype]
         edge = max(16, min(128, 16384 // block_h))
-        cfg = {"block_m": edge, "block_v": edge, "v_chunk": 4096, "block_m1": max(16, edge // 2),
-               "block_m2": max(16, edge // 2), "block_v2": edge, "num_warps": 8, "num_stages": 3}
+        half = max(16, edge // 2)
+        block_k = block_h if block_h <= 256 else 64
+        hopper = props.capability >= 90
+        quarter = max(16, edge // 4)
+        narrow = we == de == 2  # 16-bit weights and operands: nothing converted or held as fp32
+        cfg = {"block_m": edge if hopper and narrow else half,
+               "block_v": edge if narrow else (half if props.capability < 100 else quarter),
+               "block_m1": half if hopper else quarter, "block_v1": half,
+               "block_m2": half if (hopper or we == de) and de == 2 else quarter, "block_v2": half,
+               "block_k": block_k,
+               "v_chunk": 4096,
+               "num_warps": 8, "num_warps1": 8, "num_warps2": 8}
+        bm, bv, bm1, bv1, bm2, bv2 = (cfg[k] for k in ("block_m", "block_v", "block_m1", "block_v1", "block_m2",
+                                                         "block_v2"))
+        # streamed bytes per stage, and what stays in shared memory beside them (resident operand,
+        # the layout-conversion scratch of the [rows, BLOCK_V] fp32 tile)
+        cfg["num_stages"] = _stages((bv + bm) * block_k * we if block_k < block_h else bv * block_h * we,
+                                    bm * block_h * de + bm * bv * 4, props)
+        cfg["num_stages1"] = _stages(bv1 * block_h * we, bm1 * block_h * de + bm1 * bv1 * 4, props)
+        cfg["num_stages2"] = _stages(bm2 * block_h * 4, bv2 * block_h * de + bm2 * bv2 * 4, props)
+    elif block_h > 256:
+        raise ValueError(f"{OP}: ieee fp32 (TF32 off) runs on CUDA-core FMA dots, whose [rows, H] operands "
+                         f"spill beyond H = 256, got H = {H}; use impl='torch', TF32 or bf16 autocast")
+    else:
+        # ieee fp32 (TF32 off, torch's default): CUDA-core FMA dots.  An FMA dot holds, per thread, its
+        # rows and columns of both operands over the whole K, so the logits stream over H in
+        # BLOCK_K = 16 columns, every tile is small and 8 warps share it: 64 x 32 (forward),
+        # 32 rows x 16 vocabulary with a [32, H] accumulator (pass 1), 32 vocabulary x 16 rows with a
+        # [32, H] accumulator (pass 2).
+        cfg = {"block_m": 64, "block_v": 32, "block_m1": 32, "block_v1": 16, "block_m2": 16, "block_v2": 32,
+               "block_k": 16, "v_chunk": 4096, "num_warps": 8, "num_warps1": 8, "num_warps2": 8,
+               "num_stages": 2, "num_stages1": 2, "num_stages2": 2}
     cfg.update({k: v for k, v in CONFIG.items() if v is not None})
+    if CONFIG["block_v"] is not None and CONFIG["block_v1"] is None:
+        cfg["block_v1"] = CONFIG["block_v"]  # pass 1 walks the forward's chunks
+    for p in "12":
+        for k in ("num_warps", "num_stages"):
+            if CONFIG[k] is not None:
+                cfg[f"{k}{p}"] = CONFIG[k]
     cfg["block_h"] = block_h
+    cfg["block_k"] = min(cfg["block_k"], block_h)
     cfg["v_chunk"] = max(cfg["block_v"], cfg["v_chunk"] // cfg["block_v"] * cfg["block_v"])
     return cfg
 
@@ -492,14 +605,14 @@ def _schedule(vocabs: tuple[int, ...], v_chunk: int, block_v2: int, device: torc
 def dot_dtype_for(hidden: torch.Tensor, weights: list[torch.Tensor]) -> torch.dtype:
     """The matmul operand dtype: autocast's when autocast is on for the device (what F.linear would
     use), else the promoted input dtype."""
-    dev = hidden.device.type
+    dev = launch_device_type(hidden.device)
     if torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
     return torch.promote_types(hidden.dtype, weights[0].dtype)
 
 
 def _tf32(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 and not interpreting()
+    return is_gpu(device) and torch.backends.cuda.matmul.allow_tf32 and not interpreting()
 
 
 class _Prep:
@@ -524,8 +637,8 @@ class _Prep:
         self.weights = [w.contiguous() for w in weights]
         self.vocabs = tuple(int(w.shape[0]) for w in weights)
         self.has_bias = [b is not None for b in biases]
-        self.cfg = _blocks(self.M, self.H)
-        self.sched = _schedule(self.vocabs, self.cfg["v_chunk"], self.cfg["block_v2"], device)
+        self.cfg = None  # per dot dtype: see blocks()
+        self.sched = None
         self.bias = (torch.cat([b.float() if b is not None else torch.zeros(v, device=device)
                                 for b, v in zip(biases, self.vocabs)]) if any(self.has_bias) else None)
         nnz = [int(ids.shape[0]) for ids in label_ids]
@@ -535,6 +648,13 @@ class _Prep:
             torch.zeros(1, dtype=torch.int32, device=device)
         self.counts = (self.lab_offs[:, 1:] - self.lab_offs[:, :-1]).float()  # [n_heads, M]
         self.normalize = bool(normalize)
+
+    def blocks(self, dot_dtype: torch.dtype) -> dict:
+        if self.cfg is None:
+            device = self.hidden.device
+            self.cfg = _blocks(self.M, self.H, self.weights[0].dtype, dot_dtype, _tf32(device), gpu_props(device))
+            self.sched = _schedule(self.vocabs, self.cfg["v_chunk"], self.cfg["block_v2"], device)
+        return self.cfg
 
     def coef_and_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """coef [n_heads, M] of logsumexp in the loss, and each label's weight w [n_heads, M]."""
@@ -551,7 +671,8 @@ def _forward_triton(hidden, weights, biases, label_offsets, label_ids, normalize
                     dot_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head, per-row losses and log-sum-exps, both fp32 ``[n_heads, M]``."""
     pr = _Prep(hidden, weights, biases, label_offsets, label_ids, normalize)
-    n, M, cfg, s = pr.n_heads, pr.M, pr.cfg, pr.sched
+    cfg = pr.blocks(dot_dtype)
+    n, M, s = pr.n_heads, pr.M, pr.sched
     device = hidden.device
     if M == 0:
         empty = torch.zeros(n, 0, dtype=torch.float32, device=device)
@@ -562,7 +683,7 @@ def _forward_triton(hidden, weights, biases, label_offsets, label_ids, normalize
         part, zlab, pr.hidden, ptr_array(pr.weights), pr.bias if pr.bias is not None else zlab, s["vstart"],
         s["item_head"], s["item_v0"], s["item_v1"], s["item_slot"], pr.lab_offs, pr.lab_ids, M, pr.H,
         **pr.consts(dot_dtype), NORMALIZE=pr.normalize,
-        BLOCK_M=cfg["block_m"], BLOCK_V=cfg["block_v"], BLOCK_H=cfg["block_h"],
+        BLOCK_M=cfg["block_m"], BLOCK_V=cfg["block_v"], BLOCK_H=cfg["block_h"], BLOCK_K=cfg["block_k"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     lse = torch.logsumexp(part.view(n, s["max_items"], M), dim=1)  # [n_heads, M]: combine the chunks
@@ -574,7 +695,8 @@ def _backward_triton(grad_loss, hidden, weights, biases, label_offsets, label_id
                      dot_dtype: torch.dtype, need_h: bool, need_w: bool, need_b: bool):
     """(dHidden or None, [dWeight_k] or None, [dBias_k or None] or None) for ``grad_loss [n_heads, M]``."""
     pr = _Prep(hidden, weights, biases, label_offsets, label_ids, normalize)
-    n, M, H, cfg, s = pr.n_heads, pr.M, pr.H, pr.cfg, pr.sched
+    cfg = pr.blocks(dot_dtype)
+    n, M, H, s = pr.n_heads, pr.M, pr.H, pr.sched
     device = hidden.device
     need_b = need_b and pr.bias is not None
     dh = torch.zeros(M, H, dtype=torch.float32, device=device) if need_h else None
@@ -593,16 +715,16 @@ def _backward_triton(grad_loss, hidden, weights, biases, label_offsets, label_id
             pr.hidden, wptrs, bias, s["vstart"], s["item_head"], s["item_v0"], s["item_v1"],
             lse, a, lg, pr.lab_offs, pr.lab_ids, M, H, **consts,
             NEED_DH=need_h, NEED_DW=need_w, NEED_DB=need_b,
-            BLOCK_M=cfg["block_m1"], BLOCK_V=cfg["block_v"], BLOCK_H=cfg["block_h"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            BLOCK_M=cfg["block_m1"], BLOCK_V=cfg["block_v1"], BLOCK_H=cfg["block_h"], BLOCK_K=cfg["block_k"],
+            num_warps=cfg["num_warps1"], num_stages=cfg["num_stages1"],
         )
         if need_w or need_b:
             _ce_bwd_dw_kernel[(s["n_tiles"],)](
                 dw if need_w else dummy, db if need_b else dummy, pr.hidden, wptrs, bias, s["vstart"],
                 s["tile_head"], s["tile_v0"], s["head_v"], lse, a, M, H, **consts,
                 NEED_DW=need_w, NEED_DB=need_b,
-                BLOCK_M=cfg["block_m2"], BLOCK_V=cfg["block_v2"], BLOCK_H=cfg["block_h"],
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                BLOCK_M=cfg["block_m2"], BLOCK_V=cfg["block_v2"], BLOCK_H=cfg["block_h"], BLOCK_K=cfg["block_k"],
+                num_warps=cfg["num_warps2"], num_stages=cfg["num_stages2"],
             )
     starts = [0]
     for v in pr.vocabs:
@@ -715,11 +837,23 @@ def _grouped_triton(hidden, weights, biases, label_offsets, label_ids, normalize
     return _MultiLabelCETriton.apply(bool(normalize), dot, n, hidden, *weights, *biases, *label_offsets, *label_ids)
 
 
+def _triton_supports(hidden: torch.Tensor, weights: list[torch.Tensor]) -> bool:
+    """Whether the Triton kernels take this H and dtype on this device (_blocks raises otherwise):
+    ``impl="auto"`` then takes the torch path, ``impl="triton"`` raises _blocks' error."""
+    try:
+        _blocks(1, hidden.shape[-1], weights[0].dtype, dot_dtype_for(hidden, weights), _tf32(hidden.device),
+                gpu_props(hidden.device))
+    except ValueError:
+        return False
+    return True
+
+
 def multi_label_softmax_ce(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                            label_offsets: torch.Tensor, label_ids: torch.Tensor, normalize: bool = True, *,
                            impl: str = "auto") -> torch.Tensor:
     """Per-row multi-label softmax cross entropy, fp32 ``[M]`` (see the module docstring)."""
-    if resolve_impl(impl, hidden, weight, bias, label_offsets, label_ids, op=OP) == "triton":
+    if resolve_impl(impl, hidden, weight, bias, label_offsets, label_ids, op=OP) == "triton" and (
+            impl != "auto" or _triton_supports(hidden, [weight])):
         return _grouped_triton(hidden, [weight], [bias], [label_offsets], [label_ids], normalize)[0]
     return multi_label_softmax_ce_reference(hidden, weight, bias, label_offsets, label_ids, normalize)
 
@@ -741,7 +875,8 @@ def multi_label_softmax_ce_grouped(hidden: torch.Tensor, weights: list[torch.Ten
     if not (len(biases) == len(label_offsets) == len(label_ids) == n_heads) or n_heads == 0:
         raise ValueError(f"{OP}_grouped: expected one weight, bias, label_offsets and label_ids per head "
                          f"(>= 1 head), got {n_heads}, {len(biases)}, {len(label_offsets)}, {len(label_ids)}")
-    if resolve_impl(impl, hidden, weights, biases, label_offsets, label_ids, op=OP) == "triton":
+    if resolve_impl(impl, hidden, weights, biases, label_offsets, label_ids, op=OP) == "triton" and (
+            impl != "auto" or _triton_supports(hidden, weights)):
         return _grouped_triton(hidden, weights, biases, label_offsets, label_ids, normalize)
     rows = [multi_label_softmax_ce_reference(hidden, weights[k], biases[k], label_offsets[k], label_ids[k], normalize)
             for k in range(n_heads)]

@@ -286,6 +286,17 @@ def test_multi_label_ce_many_programs(monkeypatch, normalize):
     check_ce_three_way(gen, 53, 24, (3, 203, 101), torch.float32, normalize, with_bias=(True, False))
 
 
+@pytest.mark.parametrize("block_k", [8, 16])
+def test_multi_label_ce_streamed_k(monkeypatch, block_k):
+    # The GPU's ieee fp32 path (and H > 256): the logits stream over H in BLOCK_K columns, H not a
+    # multiple of BLOCK_K, several row blocks, chunks and pass-2 tiles.
+    for key, value in dict(block_m=16, block_v=16, v_chunk=48, block_m1=16, block_m2=16, block_v2=32,
+                           block_k=block_k).items():
+        monkeypatch.setitem(mlce.CONFIG, key, value)
+    gen = torch.Generator().manual_seed(31 + block_k)
+    check_ce_three_way(gen, 37, 20, (3, 131), torch.float32, True, with_bias=(True, False))
+
+
 def test_multi_label_ce_no_rows_and_no_labels():
     gen = torch.Generator().manual_seed(29)
     check_ce_three_way(gen, 0, 8, (17, 2), torch.float32, normalize=True)
