@@ -45,6 +45,7 @@ from tokenizer.plan import (
     RESERVED_BYTES,
     USER,
     Plan,
+    SegmentPlan,
     fingerprint,
     plan_inputs,
     pow2_at_least,
@@ -388,7 +389,7 @@ class _Run:
                 for s, n in r["source_rows"].items():
                     rows_by_source[s] = rows_by_source.get(s, 0) + n
             self.shard_bits = _shard_bits(plan, hll_estimate(hll), rows_by_source, self.opts)
-        lookups, self.vocabs, user_globals = _vocabularies(plan, results, self.seeds)
+        lookups, self.vocabs, user_globals = _vocabularies(plan, results, self.seeds, self.opts.workers)
         self.ctx = WordsContext(plan, self.out, self.spills, self.shard_bits, lookups, self.string_ids,
                                 [u.name for u in plan.schema.user_attributes], self.opts.strict)
         if plan.users is not None:
@@ -508,24 +509,28 @@ def _load_seeds(plan: Plan, vocab_dir: Path | None) -> dict[tuple[int, int], Voc
 
 
 def _vocabularies(
-    plan: Plan, results: list[dict[str, Any]], seeds: dict[tuple[int, int], Vocab]
+    plan: Plan, results: list[dict[str, Any]], seeds: dict[tuple[int, int], Vocab], workers: int = 1
 ) -> tuple[dict[int, Lookups], dict[int, list[Vocab]], list[GlobalCodes]]:
-    """Merge task codes; vocabularies and lookups of the segments (users: codes only)."""
+    """Merge task codes; vocabularies and lookups of the segments (users: codes only).  Attributes are
+    merged in ``workers`` threads (the table lookups and Arrow's sort release the GIL)."""
     lookups: dict[int, Lookups] = {}
     vocabs: dict[int, list[Vocab]] = {}
+
+    def attribute(job: tuple[SegmentPlan, int]) -> tuple[GlobalCodes, Vocab, np.ndarray]:
+        seg, k = job
+        g = merge_codes(seg.attrs[k], [r["coders"][seg.index][k] for r in results], seeds.get((seg.index, k)))
+        if (seg.index, k) in seeds:
+            v = seeds[(seg.index, k)]
+            return g, v, ids_for_vocab(g, v)
+        return (g, *build_vocab(g))
+
+    jobs = [(seg, k) for seg in plan.segments for k in range(len(seg.attrs))]
+    with ThreadPoolExecutor(max(1, min(workers, len(jobs)))) as pool:
+        done = dict(zip(((seg.index, k) for seg, k in jobs), pool.map(attribute, jobs)))
     for seg in plan.segments:
-        gl = [merge_codes(a, [r["coders"][seg.index][k] for r in results], seeds.get((seg.index, k)))
-              for k, a in enumerate(seg.attrs)]
-        vs, ids = [], []
-        for k, g in enumerate(gl):
-            if (seg.index, k) in seeds:
-                v = seeds[(seg.index, k)]
-                vs.append(v)
-                ids.append(ids_for_vocab(g, v))
-            else:
-                v, i = build_vocab(g)
-                vs.append(v)
-                ids.append(i)
+        gl = [done[(seg.index, k)][0] for k in range(len(seg.attrs))]
+        vs = [done[(seg.index, k)][1] for k in range(len(seg.attrs))]
+        ids = [done[(seg.index, k)][2] for k in range(len(seg.attrs))]
         vocabs[seg.index] = vs
         task_luts, bases = _flat_luts([[g.task_luts[t] for g in gl] for t in range(len(results))])
         flat_ids, id_bases = _flat_ids(ids)
