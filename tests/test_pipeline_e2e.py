@@ -9,14 +9,15 @@ import pytest
 import torch
 
 from cli.main import build_parser, main
-from engine.checkpoint import load_model_description, load_weights, save_model
 from engine.config import VocabSpec, load_config
-from engine.data import epoch_plan
+from engine.data.loader import epoch_plan
 from engine.demo import run_demo
-from engine.embed import export_embeddings
-from engine.finetune import build_encoder, finetune, load_task
-from engine.model import UserBERT
-from engine.pretrain import pretrain
+from engine.downstream.finetune import build_encoder, finetune
+from engine.downstream.tasks import load_task
+from engine.downstream.user_embeddings import export_embeddings
+from engine.model.export import load_model_description, load_weights, save_model
+from engine.model.userbert import UserBERT
+from engine.train.pretrain import pretrain
 from tokenizer.pipeline import tokenize
 from tokenizer.schema import load_schema
 from tokenizer.shards import open_tokenized
