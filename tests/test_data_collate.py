@@ -173,10 +173,23 @@ def test_no_masking_when_disabled_and_users_without_words():
 
 @pytest.mark.parametrize("seed", range(3))
 def test_padding_mask(seed):
+    """True exactly on each user's real tokens: CLS, user attributes and words, a prefix of the row."""
     data = random_data(seed)
-    batch = Collator(data, [0, 10])(np.arange(10), seed=seed)
+    users = np.arange(10)
+    batch = Collator(data, [0, 10])(users, seed=seed)
     mask = batch.padding_mask()
-    assert mask.sum(1).tolist() == batch.seq_lens.tolist()
+    n_words = sum(s.user_word_offsets[users + 1] - s.user_word_offsets[users] for s in data.segments)
+    lengths = 1 + data.user_attr_ids.shape[1] + n_words  # from the data, not from the batch
+    assert mask.dtype == torch.bool and tuple(mask.shape) == (len(users), lengths.max())
+    expected = np.arange(lengths.max())[None, :] < lengths[:, None]
+    assert np.array_equal(mask.numpy(), expected)
+    flat = mask.reshape(-1)
+    for sb in batch.segments:  # every word sits on a real token; padding holds none
+        assert bool(flat[sb.word_slot].all())
+    taken = torch.zeros_like(flat)
+    for sb in batch.segments:
+        taken[sb.word_slot] = True
+    assert int(taken.sum()) == int(n_words.sum())
 
 
 @pytest.mark.parametrize(("seed", "select_prob"), [(0, 0.15), (1, 0.5), (2, 0.0)])

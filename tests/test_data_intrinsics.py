@@ -43,5 +43,21 @@ def test_copy_items_refuses_strided_arrays():
 
 
 def test_prefetch_is_only_a_hint():
+    """It emits LLVM's prefetch (read, keep in all cache levels, data) and changes neither data nor result."""
     a = np.arange(1000, dtype=np.int64)
+    before = a.copy()
     assert _sum_with_hints(a) == a.sum()
+    assert np.array_equal(a, before)
+    ir = "\n".join(_sum_with_hints.inspect_llvm().values())
+    calls = [line for line in ir.splitlines() if "call" in line and "@llvm.prefetch" in line]
+    assert calls, "no llvm.prefetch call in the compiled code"
+    assert all("i32 0, i32 3, i32 1" in line for line in calls), calls
+
+
+def test_prefetch_refuses_other_arguments():
+    @njit
+    def on_a_matrix(a):
+        prefetch(a, 0)
+
+    with pytest.raises(Exception, match="prefetch"):
+        on_a_matrix(np.zeros((2, 2)))

@@ -1,6 +1,5 @@
 """Telemetry: metrics files that read as one run across a resume, memory numbers, the loss PNG."""
 
-import json
 
 import torch
 
@@ -34,10 +33,23 @@ def test_tensorboard_and_png(tmp_path):
     for step in range(5):
         m.log(step, {"loss": 5.0 - step, "note": "text is kept out of TensorBoard"})
     m.close()
-    assert any((tmp_path / "tensorboard").iterdir())
-    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["note"].startswith("text")
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["loss"], r["note"]) for r in rows] == [(s, 5.0 - s, "text is kept out of TensorBoard")
+                                                                  for s in range(5)]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert events.Tags()["scalars"] == ["loss"]  # numbers only
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(s, 5.0 - s) for s in range(5)]
     png = plot_loss_curve(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(png)
+    assert pixels.shape[:2] == (3.5 * 120, 6 * 120)  # the figure size at its dpi
+    assert pixels[..., :3].std() > 0.05  # something is drawn, not a blank canvas
+    assert plot_loss_curve(tmp_path / "none.jsonl", tmp_path / "none.png") is None
 
 
 def test_memory_stats_on_cpu():
