@@ -238,6 +238,12 @@ def test_param_groups_apply_layer_decay_and_head_rate(tiny):
     emb = [n for n in named if n.startswith("encoder.embeddings.")]
     assert emb and all(lr_of[id(named[n])][0] == pytest.approx(1.25e-4) for n in emb)
     assert not any(id(named[n]) in lr_of for n in named if n.startswith("encoder.heads."))
+    # weight decay by role, as in pretraining: dense projections decay (the segment projection included),
+    # embedding tables and LayerNorms do not
+    proj = [n for n in named if n.startswith("encoder.embeddings.") and n.endswith(".proj.weight")]
+    assert proj and all(lr_of[id(named[n])][1] == 0.01 for n in proj)
+    assert lr_of[id(named["encoder.encoder.blocks.0.mlp.fc.weight"])][1] == 0.01
+    assert all(lr_of[id(named[n])][1] == 0.0 for n in emb if ".attr." in n or n.endswith(".cls") or "norm" in n)
 
 
 class _SpyBackend(TorchBackend):

@@ -62,7 +62,7 @@ from engine.train.backends import DeepSpeedBackend, TorchBackend
 from engine.train.deepspeed_config import ResolvedDeepSpeed, resolve_ds_config
 from engine.train.distributed import DistContext, resolve_device
 from engine.train.loop import Backend, Loop, LoopState, MicroBatch, StepStats
-from engine.train.optim import decays
+from engine.train.optim import weight_decay_mask
 from kernels.multi_label_ce import multi_label_softmax_ce
 from tokenizer.schema import FIRST_ID
 from tokenizer.shards import TokenizedData
@@ -171,11 +171,13 @@ def load_task_model(ft_dir: str | Path, spec: VocabSpec) -> tuple[TaskModel, dic
 def param_groups(model: TaskModel, ft: FinetuneConfig) -> list[dict[str, Any]]:
     """AdamW parameter groups: the head at ``lr * head_lr_mult``; encoder layer i of L at
     ``lr * layer_lr_decay ** (L - 1 - i)`` (the embeddings one step below layer 0); weight decay by
-    :func:`engine.train.optim.decays`, the rule pretraining uses.  The pretext heads are left out (unused)."""
+    :func:`engine.train.optim.weight_decay_mask`, the rule pretraining uses.  The pretext heads are left out
+    (unused)."""
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    decays = weight_decay_mask(model)
 
     def add(p: nn.Parameter, name: str, lr: float) -> None:
-        groups.setdefault((lr, not decays(name, p)), []).append(p)
+        groups.setdefault((lr, not decays[id(p)]), []).append(p)
 
     for name, p in model.head.named_parameters():
         add(p, "head." + name, ft.lr * ft.head_lr_mult)

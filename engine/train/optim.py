@@ -12,19 +12,22 @@ import torch.nn as nn
 from engine.config import TrainConfig
 
 
-def decays(name: str, p: nn.Parameter) -> bool:
-    """Whether parameter ``name`` gets weight decay: not biases, LayerNorms and embedding tables (as in BERT)."""
-    return not (p.ndim < 2 or "emb" in name or "norm" in name)
+def weight_decay_mask(model: nn.Module) -> dict[int, bool]:
+    """id(parameter) -> whether it gets weight decay, by the parameter's role, not its name: the weights
+    of Linear layers (dense projections: attention, feed-forward, the segments' input projections, heads)
+    do; embedding tables, LayerNorms, biases and free vectors (the CLS token) do not (as in BERT)."""
+    return {id(p): isinstance(module, nn.Linear) and name == "weight"
+            for module in model.modules() for name, p in module.named_parameters(recurse=False)}
 
 
 def build_optimizer(model: nn.Module, lr: float, betas, weight_decay: float, eps: float = 1e-8,
                     fused: bool | None = None) -> torch.optim.Optimizer:
-    """AdamW with two groups: weight decay on what :func:`decays`, none on the rest."""
+    """AdamW with two groups: weight decay on what :func:`weight_decay_mask` marks, none on the rest."""
+    decays = weight_decay_mask(model)
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if decays(name, p) else no_decay).append(p)
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if decays[id(p)] else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
 
