@@ -2,7 +2,7 @@
 
 TRITON_INTERPRET must be set before any @triton.jit function is defined, so it is set here,
 before pytest imports any test module: on a CPU-only machine the Triton kernels then run in
-Triton's interpreter on CPU tensors (DESIGN.md §4).
+Triton's interpreter on CPU tensors (docs/KERNELS.md, Testing under the interpreter).
 """
 
 import os

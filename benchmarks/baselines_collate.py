@@ -1,6 +1,6 @@
 """The collate a user would otherwise write: vectorised NumPy (no Python loop over users or words).
 
-Same contract as :class:`engine.collate.Collator` (FORMATS.md §5): the users' rows gathered into batch
+Same contract as :class:`engine.data.collate.Collator` (FORMATS.md §5): the users' rows gathered into batch
 CSR arrays, ``select_prob`` of each user's words masked (a random rank per word, the lowest ``n_mask``
 selected), and per attribute the distinct nonzero values of each masked word (``np.unique`` over
 (masked word, value) keys, so ascending here).  Its masks come from NumPy's generator, so only the
@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.batch import Batch, SegmentBatch
+from engine.data.batch import Batch, SegmentBatch
 
 
 def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:

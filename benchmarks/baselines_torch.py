@@ -10,7 +10,7 @@ What a competent PyTorch user would write from the paper, with the same model (s
 - (b) ``heads="masked"``: the same, with the heads applied only at the masked words' positions
   (``[M, V]`` logits and dense ``[M, V]`` targets).
 
-Both read :class:`PaddedBatch`, built from one of our collated :class:`engine.batch.Batch` (same users,
+Both read :class:`PaddedBatch`, built from one of our collated :class:`engine.data.batch.Batch` (same users,
 same masks, same labels) outside the timed region, as a DataLoader would.  With the same weights
 (:func:`copy_weights_from`) and no dropout, both give our model's loss to fp32 rounding: the benchmark's
 test asserts it, so the comparison is between implementations of one computation.
@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.batch import Batch
 from engine.config import ModelConfig, VocabSpec
+from engine.data.batch import Batch
 
 
 @dataclass
@@ -180,7 +180,7 @@ class PlainUserBERT(nn.Module):
 
     @torch.no_grad()
     def copy_weights_from(self, ours: nn.Module) -> None:
-        """Load an engine.model.UserBERT's weights (for the equivalence test)."""
+        """Load an engine.model.userbert.UserBERT's weights (for the equivalence test)."""
         emb = ours.embeddings
         self.cls.copy_(emb.cls)
         self.segment.weight.copy_(emb.segment.weight)

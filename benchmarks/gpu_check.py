@@ -120,7 +120,7 @@ def distinct_labels(word_of_action: np.ndarray, ids: np.ndarray, masked: np.ndar
 def synth_batch(layout: list[SegmentLayout], user_vocabs: list[int], n_users: int, seed: int,
                 device: torch.device):
     """An engine.batch.Batch (tensors on ``device``) plus per-segment numpy extras for the checks."""
-    from engine.batch import Batch, SegmentBatch
+    from engine.data.batch import Batch, SegmentBatch
 
     rng = np.random.default_rng(seed)
     n_words = [np.minimum(rng.poisson(s.words_mean, n_users), s.max_words).astype(np.int64) for s in layout]
@@ -438,7 +438,7 @@ def time_ce(seg, sl, H, device, reps, warmup, autocast: bool, only: tuple[str, .
 def paper_model(layout, user_vocabs, H, impl: str, device):
     """engine.model.UserBERT at the paper's configuration (L=4, A=4) over ``layout``."""
     from engine.config import ModelConfig, SegmentVocab, VocabSpec
-    from engine.model import UserBERT
+    from engine.model.userbert import UserBERT
 
     spec = VocabSpec([SegmentVocab(s.name, s.attributes, s.vocabs, s.dims, s.num_positions, s.max_words)
                       for s in layout], [f"u{j}" for j in range(len(user_vocabs))], list(user_vocabs))
@@ -466,7 +466,7 @@ def time_train_step(layout, user_vocabs, H, batch, device, reps, warmup) -> dict
     def one(impl: str) -> dict:
         torch.manual_seed(0)
         model = paper_model(layout, user_vocabs, H, impl, device)
-        # as engine/trainer.py: fused AdamW, clipping at 1.0
+        # as the training loop (engine/train/): fused AdamW, clipping at 1.0
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         losses = []
 
@@ -501,9 +501,9 @@ def loader_rate(smoke: bool, device: torch.device) -> dict:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import bench_data
 
-        from engine.collate import Collator
         from engine.config import VocabSpec
-        from engine.model import user_attr_offsets
+        from engine.data.collate import Collator
+        from engine.model.userbert import user_attr_offsets
     except ImportError as e:
         return {"skipped": f"{type(e).__name__}: {e}"}
     n_users, B, n_batches = (64, 16, 2) if smoke else (4096, 256, 40)
@@ -524,7 +524,7 @@ def loader_rate(smoke: bool, device: torch.device) -> dict:
     out = {"users": B * n_batches, "seconds": sec, "users_per_s_per_core": B * n_batches / sec,
            "target_users_per_s_per_core": 50_000, "cpus": os.cpu_count()}
 
-    from engine.data import TrainBatches, TrainLoader, auto_workers, batch_layout
+    from engine.data.loader import TrainBatches, TrainLoader, auto_workers, batch_layout
 
     workers = max(1, auto_workers(-1, torch.device("cuda")))  # what the trainer picks on a GPU host (>= 1 here)
     steps = n_batches + 4
@@ -552,10 +552,10 @@ def check_packed_transport(device: torch.device) -> dict:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import bench_data
 
-    from engine.batch import PackedBatch, flat_tensors, unpack_batch
-    from engine.collate import Collator
     from engine.config import VocabSpec
-    from engine.model import user_attr_offsets
+    from engine.data.batch import PackedBatch, flat_tensors, unpack_batch
+    from engine.data.collate import Collator
+    from engine.model.userbert import user_attr_offsets
 
     data = bench_data.paper_length_data(64)
     packed = Collator(data, user_attr_offsets(VocabSpec.from_manifest(data.manifest))).packed(np.arange(64), seed=1)

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
+
+from common.atomic import atomic_write, atomic_write_bytes  # noqa: E402
 
 RATE_ORDER = ("users_per_s", "tokens_per_s", "events_per_s", "actions_per_s", "words_per_s", "GB_per_s")
 
@@ -94,22 +96,10 @@ def plots(data: dict, out_dir: Path) -> list[Path]:
             ax.text(v, i, f" {v:,.0f}", va="center", fontsize=8)
         fig.tight_layout()
         path = out_dir / f"{mod}.png"
-        _atomic(path, lambda f, fig=fig: fig.savefig(f, format="png", dpi=100))
+        atomic_write(path, lambda f, fig=fig: fig.savefig(f, format="png", dpi=100))
         plt.close(fig)
         written.append(path)
     return written
-
-
-def _atomic(path: Path, write) -> None:
-    """Write through a temporary file in the same directory, then rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     md = tables(data)
-    _atomic(args.out / "tables.md", lambda f: f.write(md.encode()))
+    atomic_write_bytes(args.out / "tables.md", md)
     pngs = plots(data, args.out)
     print(f"render: wrote {args.out / 'tables.md'} and {len(pngs)} plot(s)")
     return 0

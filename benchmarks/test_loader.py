@@ -5,11 +5,11 @@
 - ``test_collate_one_core``: random batches of 256 users, one thread, on two length distributions:
   ``synth`` (the synthetic generator's heavy-tailed histories) and ``paper_max`` (every user at the
   paper's cap of 128 long-term + 128 short-term words, 2.5 / 6 actions per word: the most work per
-  user collate can get).  Three ways: ``packed`` (:meth:`engine.collate.Collator.packed`, the whole of
+  user collate can get).  Three ways: ``packed`` (:meth:`engine.data.collate.Collator.packed`, the whole of
   a loader thread's work per batch: the buffer it hands over), ``batch`` (the same as a Batch of views:
   what the trainer iterates on a CPU) and ``numpy`` (the baseline: the same batch from vectorised NumPy,
   benchmarks/baselines_collate.py).  Target (issue 7): >= 50,000 users/s per core.
-- ``test_loader_workers``: :class:`engine.data.TrainLoader` with 2 collate threads over a
+- ``test_loader_workers``: :class:`engine.data.loader.TrainLoader` with 2 collate threads over a
   length-grouped plan, as the trainer runs it on a GPU host (users/s delivered to the training loop as
   Batches, in steady state: after the first batches are out).
 
@@ -25,13 +25,13 @@ import numpy as np
 import pytest
 import torch
 
-from engine.batch import flat_tensors, unpack_batch
+from engine.data.batch import flat_tensors, unpack_batch
 
 
 def _collator(data):
-    from engine.collate import Collator
     from engine.config import VocabSpec
-    from engine.model import user_attr_offsets
+    from engine.data.collate import Collator
+    from engine.model.userbert import user_attr_offsets
 
     return Collator(data, user_attr_offsets(VocabSpec.from_manifest(data.manifest)))
 
@@ -88,7 +88,7 @@ def test_numpy_baseline_builds_the_same_batch(datasets):
     label sets per masked word."""
     from baselines_collate import numpy_collate
 
-    from engine.collate import CollateConfig, Collator
+    from engine.data.collate import CollateConfig, Collator
 
     data = datasets["synth"]
     ours = Collator(data, _collator(data).user_attr_offsets, CollateConfig(select_prob=1.0))
@@ -112,7 +112,7 @@ def test_numpy_baseline_builds_the_same_batch(datasets):
 @pytest.mark.parametrize("dataset", ["synth", "paper_max"])
 def test_loader_workers(benchmark, datasets, bench_full, dataset):
     """Steady state: the clock starts once the threads have delivered their first batches."""
-    from engine.data import TrainBatches, TrainLoader, batch_layout
+    from engine.data.loader import TrainBatches, TrainLoader, batch_layout
 
     data = datasets[dataset]
     collator = _collator(data)

@@ -2,7 +2,7 @@
 
     pytest benchmarks/test_packing.py --benchmark-only
 
-- ``test_padding_waste``: one epoch's batch plans (engine/data.py) on the synthetic data and on
+- ``test_padding_waste``: one epoch's batch plans (engine/data/loader.py) on the synthetic data and on
   Complete Journey, random vs length-grouped, B = 32 and 256: the share of grid tokens that are padding
   and the share of attention scores (T^2 per row) that are padding.  Also the same for packing (several
   users per row, first-fit decreasing into rows as long as the batch's longest user): token waste, and
@@ -58,7 +58,7 @@ def length_sets(synth_tok, tmp_path_factory):
 @pytest.mark.parametrize("B", [32, 256])
 @pytest.mark.parametrize("dataset", ["synth", "completejourney"])
 def test_padding_waste(benchmark, length_sets, dataset, B):
-    from engine.data import epoch_plan
+    from engine.data.loader import epoch_plan
 
     lengths = length_sets[dataset]
     n = len(lengths)
@@ -125,7 +125,7 @@ def _encoder_inputs(lengths: np.ndarray, H: int, packed: bool, seed: int = 0):
 def test_packed_and_padded_layouts_give_the_same_outputs():
     """The two layouts timed below compute the same thing: every user's encoder outputs agree."""
     from engine.config import ModelConfig
-    from engine.encoder import Encoder
+    from engine.model.encoder import Encoder
 
     lengths = np.random.default_rng(1).integers(1, 40, 23)
     cfg = ModelConfig(hidden=32, layers=2, heads=4, dropout=0.0, attn_dropout=0.0)
@@ -146,8 +146,8 @@ def test_packed_and_padded_layouts_give_the_same_outputs():
 @pytest.mark.parametrize("layout", ["grouped_padded", "packed_block_diagonal"])
 def test_encoder_layout(benchmark, length_sets, bench_full, layout):
     from engine.config import ModelConfig
-    from engine.data import epoch_plan
-    from engine.encoder import Encoder
+    from engine.data.loader import epoch_plan
+    from engine.model.encoder import Encoder
 
     lengths = length_sets["synth"]
     B = 256 if bench_full else 16

@@ -5,9 +5,9 @@
 Providers (same model sizes: configs/paper.toml's [model], L=4, H=128, A=4, dropout 0.1; same users per
 optimizer step, B = 256; the same masking; AdamW lr 1e-4 and clipping at 1.0 for all):
 
-- ``ours``: engine.model.UserBERT fed by our collate with length-grouped batches (engine/data.py),
+- ``ours``: engine.model.userbert.UserBERT fed by our collate with length-grouped batches (engine/data/loader.py),
   gather-concat-mean embeddings, SDPA encoder, heads at masked words with the row-chunked multi-label
-  CE, fused AdamW (``torch.optim.AdamW(fused=True)``, as engine/trainer.py builds it).
+  CE, fused AdamW (``torch.optim.AdamW(fused=True)``, as engine/train/optim.py builds it).
 - ``masked_heads`` (baseline b) and ``plain`` (baseline a): benchmarks/baselines_torch.py, on batches in
   random order, padded; default AdamW.  ``plain`` computes [B*T, V] logits and targets, which at B = 256
   do not fit in memory comfortably, so it runs the step as micro-batches of 32 users with gradient
@@ -34,9 +34,9 @@ PLAIN_MICRO = 32  # users per micro-batch of baseline (a)
 
 @pytest.fixture(scope="module")
 def setup(synth_tok, bench_full):
-    from engine.collate import Collator
     from engine.config import VocabSpec, load_config
-    from engine.model import user_attr_offsets
+    from engine.data.collate import Collator
+    from engine.model.userbert import user_attr_offsets
     from tokenizer.shards import open_tokenized
 
     data = open_tokenized(synth_tok)
@@ -47,7 +47,7 @@ def setup(synth_tok, bench_full):
 
 
 def _plan(collator, B: int, n: int, grouped: bool) -> list[np.ndarray]:
-    from engine.data import epoch_plan, sequence_lengths
+    from engine.data.loader import epoch_plan, sequence_lengths
 
     rows = np.arange(collator.data.num_users)
     lengths = sequence_lengths(collator, rows) if grouped else None
@@ -57,8 +57,8 @@ def _plan(collator, B: int, n: int, grouped: bool) -> list[np.ndarray]:
 
 def build_step(provider: str, spec, cfg, collator, B: int, n: int):
     """(step function over pre-built batches, batches, stats) for one provider."""
-    from engine.model import UserBERT
-    from engine.trainer import build_optimizer
+    from engine.model.userbert import UserBERT
+    from engine.train.optim import build_optimizer
 
     torch.manual_seed(0)
     if provider == "ours":
@@ -131,8 +131,8 @@ def test_train_step_cpu(benchmark, setup, bench_full, provider):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the GPU step is also in gpu_check.py)")
 def test_train_step_gpu_bf16(benchmark, setup, bench_full):
     data, spec, cfg, collator = setup
-    from engine.model import UserBERT
-    from engine.trainer import build_optimizer
+    from engine.model.userbert import UserBERT
+    from engine.train.optim import build_optimizer
 
     dev = torch.device("cuda")
     B = 512 if bench_full else 16
@@ -160,7 +160,7 @@ def test_train_step_gpu_bf16(benchmark, setup, bench_full):
 def test_baselines_compute_our_loss(setup):
     """Honesty check: with our weights and no dropout, both baselines give our loss and gradients agree."""
     from engine.config import ModelConfig
-    from engine.model import UserBERT
+    from engine.model.userbert import UserBERT
 
     data, spec, cfg, collator = setup
     mc = ModelConfig(**{**cfg.model.__dict__, "dropout": 0.0, "attn_dropout": 0.0})

@@ -22,16 +22,47 @@ def add_finetune_args(sp: argparse.ArgumentParser) -> None:
                                                "table's split column, else a seeded random split")
     sp.add_argument("--freeze-encoder", action="store_true", help="feature-based mode: train only the head")
     sp.add_argument("--strict-users", action="store_true", help="labelled users missing from the data are an error")
+    sp.add_argument("--deepspeed_config", "--deepspeed-config", type=Path, metavar="JSON",
+                    help="fine-tune through DeepSpeed with this config (e.g. configs/ds/zero1_bf16.json); "
+                         "several processes with `deepspeed cli/finetune.py` or `torchrun cli/finetune.py`")
 
 
-def run_finetune(args: argparse.Namespace, rank: int = 0, world_size: int = 1, wrap=None) -> dict:
-    from engine.config import VocabSpec
-    from engine.finetune import build_encoder, finetune, load_task, make_split
-    from tokenizer.shards import open_tokenized
+def run_finetune(args: argparse.Namespace) -> dict | None:
+    """Fine-tune as ``args`` say; the summary on rank 0 (None on the other ranks).  With ``--deepspeed_config``
+    in its own process group (the launcher's, or a one-member group for a plain process: no MPI)."""
+    from engine.train.distributed import init_distributed, launched_world_size, shutdown
 
     cfg = load_run_config(args)
     if args.freeze_encoder:
         cfg.finetune.freeze_encoder = True
+    world = launched_world_size()
+    if args.deepspeed_config is None:
+        if world > 1:
+            raise ValueError(f"WORLD_SIZE={world}: multi-process fine-tuning runs through DeepSpeed; "
+                             "pass --deepspeed_config")
+        return _finetune(args, cfg)
+    from engine.downstream.finetune import finetune_deepspeed_config
+    from engine.train.backends import import_deepspeed
+    from engine.train.deepspeed_config import load_ds_json
+
+    ctx = init_distributed(cfg.train.device)
+    try:
+        import_deepspeed(ctx.device.type)
+        ds = finetune_deepspeed_config(load_ds_json(args.deepspeed_config), cfg.finetune, ctx.world_size,
+                                       ctx.device.type, str(args.deepspeed_config))
+        cfg.train.device = str(ctx.device)
+        out = _finetune(args, cfg, rank=ctx.rank, world_size=ctx.world_size, deepspeed=ds)
+        return out if ctx.is_main else None
+    finally:
+        shutdown(ctx)
+
+
+def _finetune(args: argparse.Namespace, cfg, rank: int = 0, world_size: int = 1, deepspeed=None) -> dict:
+    from engine.config import VocabSpec
+    from engine.downstream.finetune import build_encoder, finetune
+    from engine.downstream.tasks import load_task, make_split
+    from tokenizer.shards import open_tokenized
+
     ft = cfg.finetune
     data = open_tokenized(args.data)
     td = load_task(args.labels, data, args.task, ft.next_attribute, strict_users=args.strict_users)
@@ -42,13 +73,15 @@ def run_finetune(args: argparse.Namespace, rank: int = 0, world_size: int = 1, w
                             seed=ft.seed)
     result = finetune(data, td, ft, encoder, split=split, out_dir=args.out, device=cfg.train.device,
                       progress=not args.quiet, init_name="pretrained" if pretrained else "scratch",
-                      pretrained=pretrained, rank=rank, world_size=world_size, wrap=wrap)
+                      pretrained=pretrained, rank=rank, world_size=world_size, deepspeed=deepspeed)
     return {"best_epoch": result.best_epoch, "val": result.val, "test": result.test, "popular": result.popular,
             "sizes": result.sizes, "out": str(args.out)}
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    print(json.dumps(run_finetune(args), indent=2))
+    out = run_finetune(args)
+    if out is not None:
+        print(json.dumps(out, indent=2))
     return 0
 
 
@@ -56,9 +89,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from engine.config import VocabSpec
-    from engine.evaluate import baseline_outputs, evaluate_outputs, metric_names, plot_curves, write_report
-    from engine.finetune import build_encoder, finetune, load_task, load_task_model, make_split, predict
-    from engine.tasks import PRIMARY_METRIC
+    from engine.downstream.evaluate import baseline_outputs, evaluate_outputs, metric_names, plot_curves, write_report
+    from engine.downstream.finetune import build_encoder, finetune, load_task_model, predict
+    from engine.downstream.tasks import PRIMARY_METRIC, load_task, make_split
     from tokenizer.shards import open_tokenized
 
     cfg = load_run_config(args)
@@ -90,9 +123,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not len(split.test):
         raise ValueError(f"{split_file or args.labels}: the split has no test users to evaluate on")
     test = td.subset(split.test)
-    from engine.collate import CollateConfig, Collator
-    from engine.model import user_attr_offsets
-    from engine.pretrain import resolve_device
+    from engine.data.collate import CollateConfig, Collator
+    from engine.model.userbert import user_attr_offsets
+    from engine.train.distributed import resolve_device
 
     dev = resolve_device(cfg.train.device)
     collator = Collator(data, user_attr_offsets(spec), CollateConfig(select_prob=0.0))
@@ -130,9 +163,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _settings_of(ft_dir: Path, default_ft):
     from common.typed_config import from_dict
-    from engine.checkpoint import load_model_description
     from engine.config import FinetuneConfig
-    from engine.finetune import _model_dir
+    from engine.downstream.finetune import _model_dir
+    from engine.model.export import load_model_description
 
     model_cfg = load_model_description(_model_dir(ft_dir))[0]
     res = ft_dir / "result.json"
@@ -161,7 +194,7 @@ def _check_same_split(a: Path | None, b: Path) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from engine.embed import export_embeddings
+    from engine.downstream.user_embeddings import export_embeddings
 
     export_embeddings(args.data, args.checkpoint, args.out, batch_size=args.batch_size, device=args.device,
                       progress=not args.quiet, pooling=args.pooling)

@@ -8,12 +8,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cli import cmd_data, cmd_demo, cmd_downstream, cmd_train
+from cli import cmd_data, cmd_demo, cmd_downstream, cmd_pretrain
 from cli.common import log, parse_overrides, setup_logging
 
 __all__ = ["build_parser", "main", "parse_overrides"]
 
-COMMAND_MODULES = [cmd_data, cmd_train, cmd_downstream, cmd_demo]
+COMMAND_MODULES = [cmd_data, cmd_pretrain, cmd_downstream, cmd_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,14 +15,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from cli.cmd_train import add_train_args, run_pretrain  # noqa: E402
-from cli.common import parse_overrides  # noqa: E402
+from cli.cmd_pretrain import add_train_args, run_pretrain  # noqa: E402
+from cli.common import add_config_args, load_run_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", type=Path, help="run config TOML (e.g. configs/paper.toml)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. train.steps=1000")
+    add_config_args(p)
     add_train_args(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging, DeepSpeed's included")
@@ -34,10 +33,9 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
     from common.typed_config import ConfigError
-    from engine.config import load_config
 
     try:
-        cfg = load_config(args.config, parse_overrides(args.set))
+        cfg = load_run_config(args)
         return run_pretrain(cfg, args)
     except (ConfigError, FileNotFoundError, ValueError) as e:  # setup errors: one line, no traceback
         if args.verbose:

@@ -1,5 +1,5 @@
-"""Atomic file writing: a temp file beside the target, flushed, fsync'ed, renamed over it, and
-the directory fsync'ed so the rename itself survives a power loss.
+"""Files: atomic writing (a temp file beside the target, flushed, fsync'ed, renamed over it, and
+the directory fsync'ed so the rename itself survives a power loss), and reading a JSON object.
 
 A crash never leaves a half-written file under a real name.  Every writer of the repository
 (shards, manifests, vocabularies, checkpoints, exported models, reports) goes through here.
@@ -8,6 +8,7 @@ A crash never leaves a half-written file under a real name.  Every writer of the
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -145,6 +146,21 @@ def _fsync_path(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_json(path: str | Path, missing: Exception, error: type[ValueError] = ValueError) -> dict[str, Any]:
+    """The JSON object in ``path``; raises ``missing`` when there is no such file, ``error`` naming the file
+    when it is not a JSON object."""
+    path = Path(path)
+    if not path.is_file():
+        raise missing
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise error(f"{path}: expected a JSON object at the top level")
+    return doc
 
 
 def sha256_file(path: str | Path, block: int = 1 << 24) -> str:

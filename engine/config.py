@@ -62,7 +62,7 @@ class MaskingConfig:
 
 @dataclass
 class TrainConfig:
-    """Pretraining: optimisation, batching, checkpoints, loading.  Read by engine/trainer.py.
+    """Pretraining: optimisation, batching, checkpoints, loading.  Read by engine/train/pretrain.py.
 
     A DeepSpeed JSON (``--deepspeed_config``) may hold "auto" for the batch, clipping, optimizer and
     scheduler values, which are then taken from here; explicit values there must agree with these
@@ -88,7 +88,7 @@ class TrainConfig:
     max_seconds: float = 0.0  # stop early after this wall time (0: no limit)
     device: str = "auto"  # auto: cuda if available, else cpu
     precision: Literal["fp32", "bf16"] = "fp32"  # plain-torch backend (bf16 autocast); DeepSpeed takes its JSON's
-    group_by_length: bool = True  # batch users of similar length (less padding); see engine/data.py
+    group_by_length: bool = True  # batch users of similar length (less padding); see engine/data/loader.py
     num_threads: int = 0  # torch CPU threads (0: torch's default)
     loader_workers: int = -1  # collate threads per rank; -1: auto (up to 4 on GPU, 0 on CPU)
     prefetch_factor: int = 4  # batches collated ahead per loader thread

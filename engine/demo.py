@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.config import RunConfig, VocabSpec
-from engine.finetune import PRIMARY_METRIC, FinetuneResult, build_encoder, finetune, load_task
-from engine.pretrain import pretrain
+from engine.downstream.finetune import FinetuneResult, build_encoder, finetune
+from engine.downstream.tasks import PRIMARY_METRIC, load_task
+from engine.train.pretrain import pretrain
 from tokenizer.pipeline import tokenize
 from tokenizer.schema import load_schema
 from tokenizer.shards import open_tokenized

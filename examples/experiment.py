@@ -38,9 +38,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from engine.config import RunConfig, VocabSpec, load_config  # noqa: E402
-from engine.evaluate import baseline_outputs, evaluate_outputs, metric_names  # noqa: E402
-from engine.finetune import build_encoder, finetune, load_task, predict  # noqa: E402
-from engine.tasks import PRIMARY_METRIC, Split, split_indices  # noqa: E402
+from engine.downstream.evaluate import baseline_outputs, evaluate_outputs, metric_names  # noqa: E402
+from engine.downstream.finetune import build_encoder, finetune, predict  # noqa: E402
+from engine.downstream.tasks import (  # noqa: E402
+    PRIMARY_METRIC,
+    Split,
+    load_task,  # noqa: E402
+    split_indices,
+)
 
 log = logging.getLogger("userbert")
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -117,9 +122,9 @@ def run_task(spec: TaskSpec, data, cfg: RunConfig, pre_dir: Path, work: Path, fo
     oof = {m: np.zeros((len(td), width), np.float64 if td.task != "next" else np.int64) for m in models}
     histories: dict[str, list[list[dict]]] = {m: [] for m in models if m in ("pretrained", "scratch", "frozen")}
     fold_metrics: dict[str, list[dict]] = {m: [] for m in models}
-    from engine.collate import CollateConfig, Collator
-    from engine.model import user_attr_offsets
-    from engine.pretrain import resolve_device
+    from engine.data.collate import CollateConfig, Collator
+    from engine.model.userbert import user_attr_offsets
+    from engine.train.distributed import resolve_device
 
     collator = Collator(data, user_attr_offsets(vocab), CollateConfig(select_prob=0.0))
     dev = resolve_device(cfg.train.device)
@@ -151,9 +156,9 @@ def run_task(spec: TaskSpec, data, cfg: RunConfig, pre_dir: Path, work: Path, fo
             oof[m][split.test] = out
             if m in histories:
                 histories[m].append(hist)
-            from engine.evaluate import simple_metrics
+            from engine.downstream.metrics import task_metrics
 
-            fold_metrics[m].append(simple_metrics(test, out, (10,)))
+            fold_metrics[m].append(task_metrics(test, out, (10,)))
     fold_of = np.zeros(len(td), np.int64)
     for f, split in enumerate(splits):
         fold_of[split.test] = f
@@ -327,11 +332,11 @@ def write(results: list[dict], dataset: str, out: Path, meta: dict) -> None:
     plot_bars(results, dataset, bars)
     lines.append(f"\n![bars]({bars.name})\n")
     lines.append(f"Reproduce: `{meta['command']}` ({meta['machine']}; fold results are cached under --work).\n")
-    from engine.checkpoint import atomic_write
+    from common.atomic import atomic_write_bytes
 
     text, blob = "\n".join(lines) + "\n", json.dumps(doc, indent=2, default=str)
-    atomic_write(out / f"{dataset}.md", lambda p: Path(p).write_text(text))
-    atomic_write(out / f"{dataset}.json", lambda p: Path(p).write_text(blob))
+    atomic_write_bytes(out / f"{dataset}.md", text)
+    atomic_write_bytes(out / f"{dataset}.json", blob)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -374,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"{run_dir}: pretrained with other [{part}] settings than this run's config; "
                                  "pass another --work, or delete that directory to pretrain again")
     else:
-        from engine.pretrain import pretrain
+        from engine.train.pretrain import pretrain
 
         t = time.perf_counter()
         res = pretrain(cfg, tok, run_dir, progress=False)

@@ -24,14 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine.config import VocabSpec, load_config  # noqa: E402
-from engine.finetune import build_encoder, finetune, load_task  # noqa: E402
-from engine.tasks import PRIMARY_METRIC  # noqa: E402
+from engine.downstream.finetune import build_encoder, finetune  # noqa: E402
+from engine.downstream.tasks import PRIMARY_METRIC, load_task  # noqa: E402
 
 TASKS = {"is_parent": "binary", "targeting": "binary", "next_genre": "next"}
 
 
 def prepare(work: Path, progress: bool = False) -> tuple[Path, Path, Path]:
-    from engine.pretrain import pretrain
+    from engine.train.pretrain import pretrain
     from tokenizer.pipeline import tokenize
     from tokenizer.schema import load_schema
     from tokenizer.synthetic import generate

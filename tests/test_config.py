@@ -39,8 +39,18 @@ def test_paper_config_matches_the_paper():
 
 
 def test_demo_config_loads_and_is_small():
+    """Every value of configs/demo.toml arrives in the config (not a default), and it is CPU-sized."""
+    import tomllib
+
+    raw = tomllib.loads((ROOT / "configs" / "demo.toml").read_text())
     cfg = load_config(ROOT / "configs" / "demo.toml")
-    assert cfg.model.hidden <= 128 and cfg.demo.users <= 20000
+    for table, values in raw.items():
+        for key, value in values.items():
+            got = getattr(getattr(cfg, table), key)
+            assert (list(got) if isinstance(got, tuple) else got) == value, f"[{table}].{key}"
+    assert cfg.model.hidden != RunConfig().model.hidden  # the file, not the defaults
+    assert cfg.model.hidden <= 128 and cfg.model.layers <= 4 and cfg.demo.users <= 20000
+    assert cfg.train.device == "cpu" and cfg.train.steps * cfg.train.batch_size <= 100_000
 
 
 def test_unknown_key_is_named(tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from engine.finetune import load_task
+from engine.downstream.tasks import load_task
 from tokenizer.pipeline import tokenize
 from tokenizer.schema import load_schema
 from tokenizer.shards import open_tokenized

@@ -1,6 +1,6 @@
 """The Triton kernels under TRITON_INTERPRET=1 (set by the root conftest.py), on CPU tensors.
 
-Three-way (DESIGN.md §5, tests/tolerances.py): for the output and every gradient,
+Three-way (docs/KERNELS.md, tests/tolerances.py): for the output and every gradient,
 ``|kernel - ref64| <= 2 * |ref_lowp - ref64| + ATOL[dtype]``, where ref_lowp is the torch reference
 in the kernel's dtype and ref64 the definition in float64 on the same (already rounded) inputs.
 

@@ -1,4 +1,4 @@
-"""UserBERT on a tiny VocabSpec and hand-built Batches (independent of engine/collate.py)."""
+"""UserBERT on a tiny VocabSpec and hand-built Batches (independent of engine/data/collate.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.batch import Batch, SegmentBatch
 from engine.config import MaskingConfig, ModelConfig, SegmentVocab, VocabSpec
-from engine.model import UserBERT, user_attr_offsets
+from engine.data.batch import Batch, SegmentBatch
+from engine.model.userbert import UserBERT, user_attr_offsets
 
 # ------------------------------------------------------------------------------------------------
 # A tiny spec, and users/batches built by hand following docs/FORMATS.md §5

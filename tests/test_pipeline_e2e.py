@@ -1,6 +1,7 @@
 """End to end on tiny synthetic data: pretrain lowers the loss, export round-trips, fine-tuning,
 embedding export, the demo's stages, and the CLI."""
 
+import argparse
 import json
 
 import numpy as np
@@ -9,14 +10,15 @@ import pytest
 import torch
 
 from cli.main import build_parser, main
-from engine.checkpoint import load_model_description, load_weights, save_model
 from engine.config import VocabSpec, load_config
-from engine.data import epoch_plan
+from engine.data.loader import epoch_plan
 from engine.demo import run_demo
-from engine.embed import export_embeddings
-from engine.finetune import build_encoder, finetune, load_task
-from engine.model import UserBERT
-from engine.pretrain import pretrain
+from engine.downstream.finetune import build_encoder, finetune
+from engine.downstream.tasks import load_task
+from engine.downstream.user_embeddings import export_embeddings
+from engine.model.export import load_model_description, load_weights, save_model
+from engine.model.userbert import UserBERT
+from engine.train.pretrain import pretrain
 from tokenizer.pipeline import tokenize
 from tokenizer.schema import load_schema
 from tokenizer.shards import open_tokenized
@@ -73,11 +75,38 @@ def test_finetune_next_and_binary(pretrained, tok):
     assert td.n_outputs == spec.segment("long").vocab_sizes[spec.segment("long").attributes.index("genre")]
     res = finetune(data, td, cfg.finetune, build_encoder(pretrained.run_dir, cfg.model, spec), progress=False,
                    pretrained=True, out_dir=tok / "ft")
-    assert 0.0 < res.best["map@10"] <= 1.0 and len(res.history) >= 1
-    assert json.loads((tok / "ft" / "result.json").read_text())["task"] == "next"
+    _check_result(res, data, td, spec, tok / "ft", "map@10")
     td = load_task(tok / "raw" / "labels" / "is_parent.parquet", data, "binary")
-    res = finetune(data, td, cfg.finetune, build_encoder(None, cfg.model, spec), progress=False)
-    assert 0.0 <= res.best["auc"] <= 1.0 and res.popular["auc"] == 0.5
+    res = finetune(data, td, cfg.finetune, build_encoder(None, cfg.model, spec), progress=False, out_dir=tok / "ft2")
+    _check_result(res, data, td, spec, tok / "ft2", "auc")
+    train_y, test_y = td.subset(res.split.train).y, td.subset(res.split.test).y
+    assert res.popular["auc"] == 0.5  # a constant score
+    assert res.popular["accuracy"] == pytest.approx(np.mean(test_y == int(train_y.mean() > 0.5)))  # the prior's class
+
+
+def _check_result(res, data, td, spec, ft_dir, metric):
+    """The reported metrics are those of the epoch with the best validation metric, they are what the saved
+    model scores on the test users, and result.json says the same."""
+    assert [h["epoch"] for h in res.history] == list(range(len(res.history))) and len(res.history) == 2
+    best = max(range(len(res.history)), key=lambda e: res.history[e][f"val.{metric}"])
+    assert res.best_epoch == best
+    assert res.test == {k[5:]: v for k, v in res.history[best].items() if k.startswith("test.")}
+    assert res.val[metric] == res.history[best][f"val.{metric}"]
+    assert all(np.isfinite(h["train_loss"]) and h["train_loss"] > 0 for h in res.history)
+    doc = json.loads((ft_dir / "result.json").read_text())
+    assert doc["task"] == td.task and doc["best_epoch"] == best and doc["test"] == pytest.approx(res.test)
+    assert sum(res.sizes.values()) == len(td.rows) and res.sizes["test"] == len(res.split.test) > 0
+    from engine.data.collate import CollateConfig, Collator
+    from engine.downstream.finetune import load_task_model, predict
+    from engine.downstream.metrics import task_metrics
+    from engine.model.userbert import user_attr_offsets
+
+    model, meta = load_task_model(ft_dir, spec)
+    assert meta["task"] == td.task
+    test = td.subset(res.split.test)
+    out, _ = predict(model, Collator(data, user_attr_offsets(spec), CollateConfig(select_prob=0.0)), test.rows, 64,
+                     torch.device("cpu"))
+    assert task_metrics(test, out) == pytest.approx(res.test, abs=1e-6)
 
 
 def test_finetune_rejects_a_model_from_other_data(pretrained, tmp_path):
@@ -128,8 +157,11 @@ def test_cli_lists_every_subcommand(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
     out = capsys.readouterr().out
-    for cmd in ("synth", "tokenize", "pretrain", "finetune", "evaluate", "embed", "demo"):
-        assert cmd in out
+    every = {"synth", "tokenize", "merge", "inspect", "pretrain", "finetune", "evaluate", "embed", "demo"}
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == every
+    listed = {line.split()[0] for line in out.splitlines() if line.startswith("    ") and line.split()}
+    assert every <= listed, every - listed
 
 
 def test_cli_synth_tokenize_and_config_errors(tmp_path, caplog):

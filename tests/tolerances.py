@@ -1,4 +1,4 @@
-"""The one place for numerical tolerances (DESIGN.md §5).
+"""The one place for numerical tolerances (docs/KERNELS.md, Testing under the interpreter).
 
 Two rules, both against a float64 reference computed from the same (already rounded) inputs:
 

@@ -25,9 +25,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from engine.baselines import item_counts, popularity_vector  # noqa: E402
-from engine.metrics import ranking_metrics_per_user, top_k  # noqa: E402
-from engine.tasks import FIRST_ID, load_task  # noqa: E402
+from engine.downstream.baselines import item_counts, popularity_vector  # noqa: E402
+from engine.downstream.metrics import ranking_metrics_per_user, top_k  # noqa: E402
+from engine.downstream.tasks import FIRST_ID, load_task  # noqa: E402
 from tokenizer.shards import open_tokenized  # noqa: E402
 
 

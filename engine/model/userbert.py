@@ -1,0 +1,85 @@
+"""UserBERT: embeddings -> pre-LN transformer encoder -> masked multi-label heads.
+
+    batch ──Embeddings──> x [B, T, H] ──Encoder──> hidden [B, T, H]
+                                                   ├─ hidden[:, 0]            user embedding (CLS)
+                                                   └─ hidden at masked words  PretrainHeads -> loss
+
+The pieces live in engine/model/embeddings.py, engine/model/encoder.py and engine/model/heads.py; the fused ops
+they call live in kernels/ (engine imports kernels, never the reverse).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from engine.config import MaskingConfig, ModelConfig, VocabSpec
+from engine.data.batch import Batch
+from engine.model.embeddings import Embeddings, init_embedding_padding, user_attr_offsets
+from engine.model.encoder import Encoder
+from engine.model.heads import PretrainHeads
+
+__all__ = ["UserBERT", "user_attr_offsets"]
+
+
+class UserBERT(nn.Module):
+    def __init__(self, cfg: ModelConfig, spec: VocabSpec):
+        super().__init__()
+        self.cfg = cfg
+        self.spec = spec
+        self.embeddings = Embeddings(cfg, spec)
+        self.encoder = Encoder(cfg)
+        self.heads = PretrainHeads(cfg, spec)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """BERT's init: N(0, init_std) weights, zero biases, LayerNorm 1 / 0, zero padding rows."""
+        std = self.cfg.init_std
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+            init_embedding_padding(module)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, Embeddings):
+            nn.init.normal_(module.cls, std=std)
+
+    def encode(self, batch: Batch) -> torch.Tensor:
+        """Final hidden states ``[B, T, H]`` (padding rows hold values that mean nothing)."""
+        return self.encoder(self.embeddings(batch), batch.padding_mask())
+
+    def user_embedding(self, batch: Batch, pooling: str = "cls") -> torch.Tensor:
+        """The user representation ``[B, H]`` that fine-tuning and `embed` use.
+
+        "cls": the first token's hidden state, as in the paper.  "mean": the mean of the final hidden
+        states of all of the user's real tokens; those of words are trained by the pretext task to
+        describe their word, so their mean summarises the whole history without any fine-tuning.
+        """
+        hidden = self.encode(batch)  # [B, T, H]
+        if pooling == "cls":
+            return hidden[:, 0]
+        if pooling != "mean":
+            raise ValueError(f"pooling: expected 'cls' or 'mean', got {pooling!r}")
+        real = batch.padding_mask().unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
+        return (hidden * real).sum(dim=1) / real.sum(dim=1)
+
+    def pretrain_head(self, segment: str, attribute: str) -> nn.Linear:
+        """The pretext head of one attribute (fine-tuning over the same vocabulary may start from it)."""
+        return self.heads.heads[segment][attribute]
+
+    def pretrain_loss(self, batch: Batch, masking: MaskingConfig) -> tuple[torch.Tensor, dict[str, float]]:
+        """The masked multi-label loss and statistics.
+
+        loss: summed over every head (s, k) and masked word, then divided by the number of masked
+        words when ``masking.loss_reduction == "mean"`` (fp32 scalar, 0 when nothing is masked).
+        stats: ``"loss/<segment>.<attribute>"``, each head's mean loss over its segment's masked
+        words (float), and ``"masked_words"`` (float).
+        """
+        return self.heads(self.encode(batch), batch, masking)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

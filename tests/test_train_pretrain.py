@@ -1,0 +1,189 @@
+"""Single-process pretraining (`userbert-engine pretrain`, the plain-torch backend with its own gloo group):
+files, exact resume after a periodic checkpoint and after SIGTERM, bad-step handling, and the errors that
+must come before any work."""
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cli.main import main
+from engine.config import load_config
+from engine.model.userbert import UserBERT
+from engine.train.loop import BadStepsError, TrainingSetupError
+from engine.train.pretrain import TrainingInterrupted, pretrain
+from tokenizer.pipeline import tokenize
+from tokenizer.schema import load_schema
+from tokenizer.synthetic import generate
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"model.hidden": 32, "model.layers": 1, "model.heads": 2, "model.dropout": 0.1, "model.attn_dropout": 0.1,
+        "train.batch_size": 16, "train.lr": 3e-3, "train.device": "cpu", "train.log_every": 1, "train.num_threads": 1}
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain_single")
+    generate(root / "raw", 300, seed=2, n_genres=40, n_shops=100, progress=False)
+    tokenize(load_schema(root / "raw" / "schema.toml"), root / "tok", shard_users=120, progress=False)
+    return root / "tok"
+
+
+def _sets(d: dict) -> list[str]:
+    return [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in d.items()]
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["step_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_cli_single_process_run(tok, tmp_path):
+    run = tmp_path / "run"
+    rc = main(["pretrain", "--data", str(tok), "--out", str(run), "--steps", "30", "-q",
+               "--set", *_sets({**TINY, "train.checkpoint_every": 10, "train.keep_checkpoints": 2})])
+    assert rc == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(30))
+    losses = np.array([r["step_loss"] for r in rows])
+    assert np.isfinite(losses).all() and losses[-5:].mean() < 0.9 * losses[:5].mean()
+    need = {"loss", "lr", "grad_norm", "users_per_s", "tokens_per_s", "data_wait_s", "data_wait_frac",
+            "mem/rss_mb", "mem/peak_rss_mb", "loss/long.genre", "loss/short.shop", "skipped_steps"}
+    assert need <= set(rows[-1]) and rows[-1]["tokens_per_s"] > rows[-1]["users_per_s"] > 0
+    assert (run / "loss.png").stat().st_size > 1000 and any((run / "tensorboard").iterdir())
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["step_00000020", "step_00000030"]  # every 10, at the end, the last 2 kept
+    assert not list((run / "checkpoints").rglob("*.pt"))  # the plain-torch backend writes no pickles
+    desc = json.loads((run / "model" / "model.json").read_text())
+    assert desc["meta"]["steps"] == 30 and desc["meta"]["backend"] == "torch"
+    model = UserBERT(load_config(None, TINY).model, _spec(tok))
+    model.load_state_dict(load_file(run / "model" / "model.safetensors"))
+
+    # The same directory again: refused without --resume/--overwrite; --resume continues to a new end.
+    assert main(["pretrain", "--data", str(tok), "--out", str(run), "--steps", "30", "-q", "--set", *_sets(TINY)]) == 2
+    assert main(["pretrain", "--data", str(tok), "--out", str(run), "--steps", "33", "-q", "--resume",
+                 "--set", *_sets(TINY)]) == 0
+    assert sorted(_losses(run)) == list(range(33))
+    assert main(["pretrain", "--data", str(tok), "--out", str(run), "--steps", "3", "-q", "--overwrite",
+                 "--set", *_sets(TINY)]) == 0
+    assert sorted(_losses(run)) == [0, 1, 2]
+
+
+def _spec(tok):
+    from engine.config import VocabSpec
+    from tokenizer.shards import open_tokenized
+
+    return VocabSpec.from_manifest(open_tokenized(tok).manifest)
+
+
+RESUME = {**TINY, "train.micro_batch_size": 8, "train.checkpoint_every": 5, "train.steps": 14,
+          "train.warmup_steps": 3, "train.schedule": "cosine"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tok, tmp_path_factory):
+    run = tmp_path_factory.mktemp("uninterrupted") / "run"
+    return pretrain(load_config(None, RESUME), tok, run, progress=False)
+
+
+def test_resume_from_a_periodic_checkpoint_is_exact(tok, tmp_path, uninterrupted):
+    """Accumulation (2 micro-batches), dropout, warmup + cosine: steps 5.. after resuming equal the originals."""
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted.run_dir, run)
+    for d in ("model", "checkpoints/step_00000010", "checkpoints/step_00000014"):
+        shutil.rmtree(run / d)
+    res = pretrain(load_config(None, RESUME), tok, run, progress=False, resume=True)
+    assert res.start_step == 5 and res.end_step == 14
+    assert res.losses == uninterrupted.losses[5:]
+    assert _losses(run) == _losses(uninterrupted.run_dir)
+    a, b = load_file(run / "model" / "model.safetensors"), load_file(uninterrupted.model_dir / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(TrainingSetupError, match=r"global_batch: checkpoint 16, this run 32"):
+        pretrain(load_config(None, {**RESUME, "train.batch_size": 32}), tok, run, progress=False, resume=True)
+
+
+def test_sigterm_saves_a_checkpoint_and_the_resumed_run_is_exact(tok, tmp_path, uninterrupted):
+    run = tmp_path / "run"
+    cfg = load_config(None, {**RESUME, "train.checkpoint_every": 0})
+
+    def kill_after_three_steps():
+        metrics = run / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_after_three_steps, daemon=True)
+    killer.start()
+    with pytest.raises(TrainingInterrupted, match="stopped by SIGTERM") as stop:
+        pretrain(cfg, tok, run, progress=False)
+    killer.join()
+    first = stop.value.result
+    assert first.stopped == "SIGTERM" and first.model_dir is None and not (run / "model").exists()
+    assert 3 <= first.end_step < 14 and first.checkpoint.name == f"step_{first.end_step:08d}"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # our handler is gone again
+    second = pretrain(cfg, tok, run, progress=False, resume=True)
+    assert second.start_step == first.end_step and second.stopped is None
+    assert first.losses + second.losses == uninterrupted.losses
+
+
+def test_non_finite_losses_are_skipped_then_abort(tok, tmp_path, monkeypatch):
+    real = UserBERT.pretrain_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(self, batch, masking):
+        loss, stats = real(self, batch, masking)
+        calls["n"] += 1
+        return (loss * float("nan"), stats) if calls["n"] in bad else (loss, stats)
+
+    monkeypatch.setattr(UserBERT, "pretrain_loss", sometimes_nan)
+    bad = {3}
+    res = pretrain(load_config(None, {**TINY, "train.steps": 6}), tok, tmp_path / "a", progress=False)
+    assert res.skipped_steps == 1 and np.isnan(res.losses[2]) and np.isfinite(res.losses[3:]).all()
+    bad = set(range(100))
+    with pytest.raises(BadStepsError, match=r"3 consecutive bad steps .*--resume"):
+        pretrain(load_config(None, {**TINY, "train.steps": 6, "train.max_bad_steps": 3}), tok, tmp_path / "b",
+                 progress=False)
+
+
+def test_bad_setups_fail_before_any_work(tok, tmp_path, monkeypatch, caplog):
+    out = tmp_path / "out"
+    fp16 = ["pretrain", "--data", str(tok), "--out", str(out), "--deepspeed_config",
+            str(ROOT / "configs" / "ds" / "zero2_fp16.json"), "--set", *_sets(TINY)]
+    assert main(fp16) == 2 and "fp16 needs a GPU" in caplog.text
+    assert main(["pretrain", "--data", str(tmp_path / "nope"), "--out", str(out), "--set", *_sets(TINY)]) == 2
+    assert "manifest.json missing" in caplog.text
+    assert not out.exists()  # nothing was written
+    with pytest.raises(ValueError, match="micro_batch_size: batch_size .16. must be a multiple"):
+        load_config(None, {**TINY, "train.micro_batch_size": 5})
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as a launcher with 3 ranks would set it
+    with pytest.raises(ValueError, match="not divisible by the world size 3"):
+        pretrain(load_config(None, TINY), tok, out, progress=False)
+    monkeypatch.delenv("WORLD_SIZE")
+    (out / "checkpoints" / "step_00000004").mkdir(parents=True)
+    (out / "checkpoints" / "step_00000004" / "trainer_state.json").write_text('{"version": 1, "step": 4}')
+    with pytest.raises(TrainingSetupError, match="--resume to continue it, --overwrite to start over"):
+        pretrain(load_config(None, TINY), tok, out, progress=False)
+
+
+def test_plain_torch_needs_no_deepspeed(tok, tmp_path, monkeypatch):
+    """The GPU image has no DeepSpeed: the plain path must not import it, and asking for it says so first."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed` now raises ImportError
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    res = pretrain(load_config(None, {**TINY, "train.steps": 2}), tok, tmp_path / "a", progress=False)
+    assert res.steps == 2 and res.backend == "torch"
+    with pytest.raises(TrainingSetupError, match="needs DeepSpeed"):
+        pretrain(load_config(None, TINY), tok, tmp_path / "b", progress=False,
+                 deepspeed_config=ROOT / "configs" / "ds" / "zero0_bf16.json")
+    assert not (tmp_path / "b").exists()
