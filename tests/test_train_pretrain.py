@@ -187,3 +187,46 @@ def test_plain_torch_needs_no_deepspeed(tok, tmp_path, monkeypatch):
         pretrain(load_config(None, TINY), tok, tmp_path / "b", progress=False,
                  deepspeed_config=ROOT / "configs" / "ds" / "zero0_bf16.json")
     assert not (tmp_path / "b").exists()
+
+
+def test_users_without_words_are_left_out_and_empty_steps_counted(tmp_path, caplog, monkeypatch):
+    """A user-table row with no events has nothing to predict.  Kept, such users fill whole batches under
+    length grouping and those steps predict nothing (loss 0); pretraining leaves them out, and counts any
+    step with no masked word (all of them when masking is off)."""
+    import logging
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tokenizer.schema import schema_from_dict
+
+    rng = np.random.default_rng(0)
+    n = 4000
+    t0 = 1767225600  # 2026-01-01
+    pq.write_table(pa.table({"user_id": rng.integers(0, 40, n), "ts": t0 + rng.integers(0, 20 * 86400, n),
+                             "item": rng.integers(0, 30, n)}), tmp_path / "ev.parquet")
+    pq.write_table(pa.table({"user_id": np.arange(100), "age": rng.integers(18, 70, 100)}), tmp_path / "users.parquet")
+    schema = schema_from_dict({
+        "data": {"window_start": "2026-01-01T00:00:00", "window_end": "2026-01-21T00:00:00", "users": "users.parquet"},
+        "segments": {"long": {"path": "ev.parquet", "word_rule": "daily", "position_unit": "day",
+                              "attributes": [{"name": "item", "dim": 16}]}},
+        "user_attributes": [{"name": "age", "buckets": [30, 50]}]}, tmp_path)
+    tokenize(schema, tmp_path / "tok", progress=False)
+    cfg = load_config(None, {**TINY, "train.steps": 8, "train.checkpoint_every": 0})
+    with caplog.at_level(logging.INFO, logger="userbert"):
+        res = pretrain(cfg, tmp_path / "tok", tmp_path / "run", progress=False)
+    assert "60 of 100 users have no behaviour word: left out of pretraining" in caplog.text
+    assert res.empty_steps == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["masked_words"] > 0 and r["empty_steps"] == 0 for r in rows)
+
+    # The counter counts: keeping every user (the old selection), length grouping puts the 60 users without
+    # words into batches of their own, steps with nothing to predict.
+    import engine.train.pretrain as pretraining
+
+    monkeypatch.setattr(pretraining, "_users_with_words", lambda data, spec, rows: np.arange(data.num_users))
+    res = pretrain(cfg, tmp_path / "tok", tmp_path / "run-all", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run-all" / "metrics.jsonl").read_text().splitlines()]
+    empty = [r["step"] for r in rows if r["masked_words"] == 0]
+    assert len(empty) >= 3 and res.empty_steps == len(empty) and rows[-1]["empty_steps"] == len(empty)
+    assert all(r["step_loss"] == 0.0 for r in rows if r["masked_words"] == 0)

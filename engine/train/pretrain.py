@@ -89,6 +89,7 @@ class PretrainResult:
     checkpoint: Path | None = None  # the last checkpoint written
     skipped_steps: int = 0
     backend: str = "torch"
+    empty_steps: int = 0  # steps with no masked word (nothing to predict): 0 unless masking is off
 
 
 def pretrain(cfg: RunConfig, data_dir: str | Path, run_dir: str | Path, *, progress: bool = True,
@@ -130,8 +131,8 @@ def pretrain(cfg: RunConfig, data_dir: str | Path, run_dir: str | Path, *, progr
                                 "`userbert-engine tokenize` first")
     data = open_tokenized(data_dir)
     spec = VocabSpec.from_manifest(data.manifest)
-    rows = None if users is None else np.asarray(users, dtype=np.int64)
-    n_rows = data.num_users if rows is None else len(rows)
+    rows = _users_with_words(data, spec, None if users is None else np.asarray(users, dtype=np.int64))
+    n_rows = len(rows)
     if n_rows < layout.global_batch:
         raise ValueError(f"{data_dir}: {n_rows} users cannot fill one global batch of {layout.global_batch}")
     if tc.num_threads:
@@ -162,10 +163,23 @@ def pretrain(cfg: RunConfig, data_dir: str | Path, run_dir: str | Path, *, progr
                  out.end_step, out.seconds, ups, how, out.model_dir, out.checkpoint)
     result = PretrainResult(run_dir, out.model_dir, out.end_step - out.start_step, out.seconds, ups, out.losses,
                             out.start_step, out.end_step, out.stopped, out.checkpoint, out.skipped_steps,
-                            "deepspeed" if resolved is not None else "torch")
+                            "deepspeed" if resolved is not None else "torch", out.empty_steps)
     if out.stopped:
         raise TrainingInterrupted(result)
     return result
+
+
+def _users_with_words(data, spec: VocabSpec, rows: np.ndarray | None) -> np.ndarray:
+    """The users (dataset rows) to pretrain on: those with at least one behaviour word.  A user with
+    none (a user-table row with no events) has nothing to predict; kept, such users also fill whole
+    batches under length grouping, steps with no masked word at all (seen on MovieLens)."""
+    n_words = sum(np.diff(np.asarray(data.segment(s.name).user_word_offsets)) for s in spec.segments)
+    rows = np.arange(data.num_users, dtype=np.int64) if rows is None else rows
+    keep = rows[n_words[rows] > 0]
+    if len(keep) < len(rows):
+        log.info("%d of %d users have no behaviour word: left out of pretraining (nothing to predict)",
+                 len(rows) - len(keep), len(rows))
+    return keep
 
 
 class PretrainStep(nn.Module):
@@ -188,6 +202,7 @@ class RunOutcome:
     users: int
     losses: list[float] = field(default_factory=list)
     skipped_steps: int = 0
+    empty_steps: int = 0
     stopped: str | None = None  # "SIGTERM" / "SIGINT" when a signal ended the run early
     checkpoint: Path | None = None  # the last checkpoint written
     model_dir: Path | None = None
@@ -213,7 +228,8 @@ class Pretraining:
         self.model = UserBERT(cfg.model, spec).to(ctx.device)
         if ctx.is_main:
             log.info("model: %.2fM parameters on %s x %d; %d users; global batch %d = %d x %d accumulation x %d ranks",
-                     self.model.num_parameters() / 1e6, ctx.device, ctx.world_size, data.num_users,
+                     self.model.num_parameters() / 1e6, ctx.device, ctx.world_size,
+                     data.num_users if rows is None else len(rows),
                      layout.global_batch, layout.micro_batch, layout.accumulation, ctx.world_size)
         step_module = PretrainStep(self.model, cfg.masking)
         if resolved_ds is not None:
@@ -236,6 +252,7 @@ class Pretraining:
         torch.manual_seed(int(np.random.SeedSequence([tc.seed, ctx.rank, 1]).generate_state(1)[0]))
 
         self.state = LoopState()
+        self.empty_steps = 0  # steps whose batches had no masked word (counted, and warned about at the end)
         self.pending: list[float] = []  # losses since the last metrics record (carried across a resume)
         self.users_before = 0
         if saved is not None:
@@ -251,7 +268,7 @@ class Pretraining:
                 "micro_batch": self.layout.micro_batch, "accumulation": self.layout.accumulation,
                 "seed": self.tc.seed, "group_by_length": self.tc.group_by_length, "data": self.fingerprint,
                 "steps": self.tc.steps, "pending_losses": self.pending, "skipped_steps": self.state.skipped_steps,
-                "bad_steps": self.state.bad_steps, "users_seen": self.users_seen}
+                "bad_steps": self.state.bad_steps, "users_seen": self.users_seen, "empty_steps": self.empty_steps}
 
     def _check_resumable(self, ckpt: Path, backend: str) -> dict[str, Any]:
         state = read_state(ckpt)
@@ -270,6 +287,7 @@ class Pretraining:
         self.state = LoopState(int(saved["step"]), int(saved.get("skipped_steps", 0)), int(saved.get("bad_steps", 0)))
         self.pending = list(saved.get("pending_losses", []))
         self.users_before = int(saved.get("users_seen", 0))
+        self.empty_steps = int(saved.get("empty_steps", 0))
         if saved.get("steps") != self.tc.steps and self.ctx.is_main:
             log.warning("train.steps changed from %s to %d since the checkpoint: the learning-rate schedule follows "
                         "the new value", saved.get("steps"), self.tc.steps)
@@ -329,6 +347,8 @@ class Pretraining:
             seen["tokens"] += s.tokens
             seen["wait"] += s.data_wait_s
             outcome.losses.append(s.loss)
+            if s.masked_words == 0:
+                self.empty_steps += 1
             if s.finite:
                 self.pending.append(s.loss)
             self.users_seen = self.users_before + seen["users"]
@@ -343,6 +363,7 @@ class Pretraining:
                     "users_per_s": seen["users"] / elapsed, "tokens_per_s": seen["tokens"] / elapsed,
                     "data_wait_s": seen["wait"], "data_wait_frac": seen["wait"] / max(now - last_log, 1e-9),
                     "skipped_steps": self.state.skipped_steps, "masked_words": s.masked_words,
+                    "empty_steps": self.empty_steps,
                     "epoch": s.step // dataset.per_epoch, **s.heads, **memory_stats(ctx.device),
                 }
                 if s.update.loss_scale is not None:
@@ -376,6 +397,10 @@ class Pretraining:
         outcome.seconds = time.perf_counter() - start
         outcome.users = users_seen
         outcome.skipped_steps = self.state.skipped_steps
+        outcome.empty_steps = self.empty_steps
+        if self.empty_steps and self.ctx.is_main:
+            log.warning("%d of %d steps had no masked word (nothing to predict, loss 0): masking.select_prob = %s",
+                        self.empty_steps, step, self.cfg.masking.select_prob)
         if outcome.stopped or self.tc.checkpoint_at_end:
             if outcome.checkpoint is None or outcome.checkpoint.name != tag_for(step):
                 outcome.checkpoint = self.save()
