@@ -110,6 +110,10 @@ class LoopState:
     bad_steps: int = 0  # consecutive non-finite or unrecoverably skipped steps
 
 
+# The all-reduced vector, in order; the per-head losses follow.
+_REDUCED = ("loss", "signal", "time_up", "users", "tokens", "masked_words", "data_wait_s")
+
+
 @dataclass
 class Loop:
     """Where the loop runs and when it must give up or stop."""
@@ -146,15 +150,16 @@ class Loop:
                 masked += stats.get("masked_words", 0.0)
             timed_out = bool(self.max_seconds) and time.perf_counter() - start > self.max_seconds
             got_signal = self.signals is not None and self.signals.received is not None
+            # One all-reduce of everything the ranks must agree on (the loss goes in at full precision).
             vec = torch.tensor([0.0, float(got_signal), float(timed_out), users, tokens, masked, self.data_wait(),
                                 *(head_acc / acc)], dtype=torch.float64, device=ctx.device)
             vec[0] = loss_acc.double() / acc
-            g = self.backend.all_reduce(vec).tolist()
-            step_loss = g[0] / ctx.world_size
+            g = dict(zip(_REDUCED + tuple(heads), self.backend.all_reduce(vec).tolist()))
+            step_loss = g["loss"] / ctx.world_size
             update = self.backend.optimizer_step(skip=not math.isfinite(step_loss))
-            stats = StepStats(state.step, lr, step_loss, int(g[3]), int(g[4]), g[5], g[6] / ctx.world_size,
-                              {h: g[7 + i] / ctx.world_size for i, h in enumerate(heads)}, update,
-                              signal=g[1] > 0, time_up=g[2] > 0)
+            stats = StepStats(state.step, lr, step_loss, int(g["users"]), int(g["tokens"]), g["masked_words"],
+                              g["data_wait_s"] / ctx.world_size, {h: g[h] / ctx.world_size for h in heads}, update,
+                              signal=g["signal"] > 0, time_up=g["time_up"] > 0)
             self._check(stats, state)
             state.step += 1
             reason = after_step(stats)
