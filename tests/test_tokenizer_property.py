@@ -127,23 +127,6 @@ def _expected(rows, tz, seg):
     return values, vocabs, dropped
 
 
-def _actual(data, name):
-    seg = data.segment(name)
-    vocab = {a: [None, None] + data.vocab(name, a).to_pylist() for a in seg.attributes}
-    wo = seg.word_offsets()
-    out = {}
-    for u, uid in enumerate(data.user_ids.to_pylist()):
-        w0, w1 = seg.user_word_offsets[u], seg.user_word_offsets[u + 1]
-        if w0 == w1:
-            continue
-        out[uid] = [
-            (int(seg.word_pos[w]),
-             [tuple(vocab[a][int(x)] for a, x in zip(seg.attributes, row)) for row in seg.attr_ids[wo[w] : wo[w + 1]]])
-            for w in range(w0, w1)
-        ]
-    return out
-
-
 @settings(max_examples=45, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(
     logs(),
@@ -173,7 +156,7 @@ def test_tokenizer_equals_reference(tmp_path_factory, log, rule, max_words, cap,
     data = open_tokenized(root / "tok", verify=True)
     bits = m["sharding"]["shard_bits"]
     assert data.user_ids.to_pylist() == reference.user_order(values, bits)
-    assert _actual(data, "ev") == values
+    assert reference.decoded_words(data, "ev") == values
     for a, v in vocabs.items():
         assert data.vocab("ev", a).to_pylist() == v
     assert {k: v for k, v in m["dropped"]["ev"].items() if v} == {k: v for k, v in dropped.items() if v}
