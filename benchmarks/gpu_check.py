@@ -335,7 +335,7 @@ def check_ce(seg, sl, H, device) -> dict:
 
 
 def gather_bytes(seg, sl: SegmentLayout, zero: torch.Tensor, es: int) -> tuple[int, int]:
-    """The bytes a perfect gather_concat_mean must move (DESIGN.md §6), forward and backward.
+    """The bytes a perfect gather_concat_mean must move (docs/KERNELS.md), forward and backward.
 
     Forward: ids + offsets + the gathered rows of the words that are not zeroed + position ids and
     rows + output.  Backward: grad_out + ids + offsets + an fp32 read-modify-write per gathered

@@ -1,4 +1,4 @@
-"""Choosing an implementation per call: ``impl="auto" | "triton" | "torch"`` (DESIGN.md §3).
+"""Choosing an implementation per call: ``impl="auto" | "triton" | "torch"`` (docs/KERNELS.md).
 
 - ``"torch"``: the pure-torch reference, which is also the CPU production path.
 - ``"auto"``: Triton when every input tensor is on CUDA, Triton is importable and the op has a

@@ -27,7 +27,8 @@ Backward variants of the Triton path (``backward=``), both accumulating grad/cou
   a run of BLOCK_E sorted pairs with a 0/1 segment matrix on tl.dot, and only the first pair of each
   run in the block writes, so a row receives one atomic per block it spans instead of one per use.
 
-File order (DESIGN.md §5): torch reference → Triton kernels → launchers → autograd.Function /
+File order (as in Liger-Kernel and Cut Cross-Entropy): torch reference → Triton kernels → launchers →
+autograd.Function /
 torch.library op → public function.  User docs: docs/KERNELS.md.
 """
 

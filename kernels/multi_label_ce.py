@@ -35,7 +35,8 @@ Triton path (docs/KERNELS.md has the full design and its cost model):
 - Matmul operands are rounded to the compute dtype (the autocast dtype under autocast, else the
   inputs' dtype), accumulation is fp32, and fp32 follows torch's TF32 setting.
 
-File order (DESIGN.md §5): torch reference → Triton kernels → launchers → autograd.Function /
+File order (as in Liger-Kernel and Cut Cross-Entropy): torch reference → Triton kernels → launchers →
+autograd.Function /
 torch.library op → public functions.
 """
 
