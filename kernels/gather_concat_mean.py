@@ -28,8 +28,7 @@ Backward variants of the Triton path (``backward=``), both accumulating grad/cou
   run in the block writes, so a row receives one atomic per block it spans instead of one per use.
 
 File order (as in Liger-Kernel and Cut Cross-Entropy): torch reference → Triton kernels → launchers →
-autograd.Function /
-torch.library op → public function.  User docs: docs/KERNELS.md.
+autograd.Function / torch.library op → public function.  User docs: docs/KERNELS.md.
 """
 
 import functools
