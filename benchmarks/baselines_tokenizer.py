@@ -370,7 +370,6 @@ def duckdb_segment_sql(job: Job, timezone: str, types: dict[str, str], out: str,
     keys = [f"CASE WHEN isnan({_q(c)}) THEN NULL ELSE {_q(c)} + 0.0 END AS k{i}" if is_float(c) else f"{_q(c)} AS k{i}"
             for i, c in enumerate(job.raw) if c not in plain]
     k = len(job.attrs)
-    vs = [f"v{i}" for i in range(k)]
     values = [f"{value(a)} AS v{i}" for i, a in enumerate(job.attrs)]
     loc = "loc, " if job.needs_local else ""
     ctes = [
@@ -383,22 +382,30 @@ def duckdb_segment_sql(job: Job, timezone: str, types: dict[str, str], out: str,
     ]
     if not loc:
         del ctes[1]
-    joins, ids = [], []
+    # Vocabularies: every distinct value ranked by (count desc, value), the rank a dense code of
+    # the value; the known values (a prefix of the ranks: count >= min_count, within max_vocab)
+    # get id rank + 1, the rest 1.  One join per attribute gives both, so repeated events are
+    # then found on integers (the codes) rather than on the strings.
+    joins, codes, ids = [], [], []
     for i, a in enumerate(job.attrs):
-        limit = f" QUALIFY id <= {a.max_vocab - 1}" if a.max_vocab is not None else ""
+        known = f"n >= {a.min_count}" + (f" AND r <= {a.max_vocab - 2}" if a.max_vocab is not None else "")
         ctes.append(
-            f"voc{i} AS (SELECT v, (row_number() OVER (ORDER BY n DESC, v) + 1)::INTEGER AS id FROM "
-            f"(SELECT v{i} AS v, count(*) AS n FROM good WHERE v{i} IS NOT NULL GROUP BY v{i} "
-            f"HAVING count(*) >= {a.min_count}){limit})")
-        joins.append(f"LEFT JOIN voc{i} ON dd.v{i} = voc{i}.v")
+            f"voc{i} AS (SELECT v, r::INTEGER AS code, (CASE WHEN {known} THEN r + 1 ELSE 1 END)::INTEGER AS id "
+            f"FROM (SELECT v, n, row_number() OVER (ORDER BY n DESC, v) AS r FROM "
+            f"(SELECT v{i} AS v, count(*) AS n FROM good WHERE v{i} IS NOT NULL GROUP BY v{i})))")
+        joins.append(f"LEFT JOIN voc{i} ON good.v{i} = voc{i}.v")
+        codes.append(f"coalesce(voc{i}.code, 0) AS c{i}")
         ids.append(f"coalesce(voc{i}.id, 1) AS i{i}")
+    bucket_keys = [f"k{i}" for i, c in enumerate(job.raw) if c not in plain]
+    ctes.append(f"coded AS (SELECT u, us, {loc}ord, {', '.join(codes + ids + bucket_keys)} FROM good "
+                f"{' '.join(joins)})")
+    id_cols = ", ".join(f"i{i}" for i in range(k))
     if seg.drop_duplicates:  # one row per distinct event, at its first input position
-        group = ", ".join(["u", "us", *(["loc"] if loc else []), *vs,
-                           *[f"k{i}" for i, c in enumerate(job.raw) if c not in plain]])
-        ctes.append(f"dd AS (SELECT {group}, min(ord) AS ord FROM good GROUP BY {group})")
+        key = ", ".join(["u", "us", *(["loc"] if loc else []), *[f"c{i}" for i in range(k)], *bucket_keys, id_cols])
+        ctes.append(f"dd AS (SELECT {key}, min(ord) AS ord FROM coded GROUP BY {key})")
     else:
-        ctes.append("dd AS (SELECT * FROM good)")
-    ctes.append(f"ev AS (SELECT u, us // 1000000 AS t, {loc}ord, {', '.join(ids)} FROM dd {' '.join(joins)})")
+        ctes.append("dd AS (SELECT * FROM coded)")
+    ctes.append(f"ev AS (SELECT u, us // 1000000 AS t, {loc}ord, {id_cols} FROM dd)")
     by = "PARTITION BY u ORDER BY t, ord"
     if seg.word_rule == "daily":
         day = f"(loc - {seg.day_start_hour * 3600}) // 86400"
