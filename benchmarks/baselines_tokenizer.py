@@ -163,14 +163,6 @@ def _polars_value(a: AttributeSpec, dtype):
     return c
 
 
-def _polars_keys(job: Job) -> dict[str, str]:
-    """Raw column -> the column of the good rows that stands for it in the duplicate key: the
-    value of a plain attribute reading it (a one-to-one image of the column), else ``_k_<column>``
-    (a bucketed column's raw number)."""
-    plain = {a.column: f"_v_{a.name}" for a in reversed(job.attrs) if a.buckets is None}
-    return {c: plain.get(c, f"_k_{c}") for c in job.raw}
-
-
 def _polars_key(col: str, dtype):
     """A raw column as the duplicate key compares it (floats: -0.0 is 0.0, NaN is null)."""
     pl = _pl()
@@ -178,29 +170,44 @@ def _polars_key(col: str, dtype):
     return ((c + 0.0).fill_nan(None) if dtype.is_float() else c).alias(f"_k_{col}")
 
 
+def _bucket_only(job: Job) -> list[str]:
+    """Raw columns that only bucketed attributes read: the duplicate key needs their values."""
+    plain = {a.column for a in job.attrs if a.buckets is None}
+    return [c for c in job.raw if c not in plain]
+
+
 def polars_vocab(values, a: AttributeSpec):
-    """(value, id) of one attribute's known values: count descending, value ascending, from id 2."""
+    """Every distinct value of one attribute ranked from 1 by (count desc, value asc), and how many
+    of them are known (a prefix of the ranks: count >= min_count, within max_vocab): value of rank
+    r has id r + 1 if r <= known, else 1."""
     pl = _pl()
-    vc = values.value_counts(name="_n").drop_nulls(values.name).filter(pl.col("_n") >= a.min_count)
+    vc = values.value_counts(name="_n").drop_nulls(values.name)
     by = pl.col(values.name).cast(pl.String) if values.dtype == pl.Categorical else pl.col(values.name)
     vc = vc.sort([pl.col("_n"), by], descending=[True, False])  # strings by value (UTF-8 bytes), not by code
+    known = int((vc["_n"] >= a.min_count).sum())
     if a.max_vocab is not None:
-        vc = vc.head(max(0, a.max_vocab - 2))
-    return vc.with_row_index("_id", offset=2)
+        known = min(known, max(0, a.max_vocab - 2))
+    return vc.with_row_index("_r", offset=1), known
 
 
-def polars_words(good, job: Job, engine: str = "in-memory"):
+def polars_words(good, job: Job, engine: str = "streaming"):
     """The words of one segment from its good rows (columns as :func:`polars_good_rows` makes)."""
     pl = _pl()
     seg, user = job.seg, pl.col(job.user)
-    lf = good.lazy()
-    if seg.drop_duplicates:  # the first of equal events, in input order
-        lf = lf.filter(pl.struct([job.user, "_us", *_polars_keys(job).values()]).is_first_distinct())
-    ids = []
+    # Each value's rank (a dense integer code, 0 for null) by one lookup; the id follows from it
+    # by arithmetic, and repeated events are found on the codes instead of the strings.
+    codes, ids = [], []
     for a in job.attrs:
-        v = polars_vocab(good[f"_v_{a.name}"], a)
-        ids.append(pl.col(f"_v_{a.name}").replace_strict(v[f"_v_{a.name}"], v["_id"], default=1,
-                                                           return_dtype=pl.Int32).alias(_id_name(a)))
+        v, known = polars_vocab(good[f"_v_{a.name}"], a)
+        code = pl.col(f"_v_{a.name}").replace_strict(v[f"_v_{a.name}"], v["_r"], default=0, return_dtype=pl.UInt32)
+        codes.append(code.alias(f"_c_{a.name}"))
+        c = pl.col(f"_c_{a.name}")
+        ids.append(pl.when((c > 0) & (c <= known)).then(c.cast(pl.Int32) + 1).otherwise(1).cast(pl.Int32)
+                   .alias(_id_name(a)))
+    lf = good.lazy().with_columns(codes)
+    if seg.drop_duplicates:  # the first of equal events, in input order
+        key = [job.user, "_us", *[f"_c_{a.name}" for a in job.attrs], *[f"_k_{c}" for c in _bucket_only(job)]]
+        lf = lf.filter(pl.struct(key).is_first_distinct())
     # A stable sort by (user, second) as two stable one-key sorts (time, then user): Polars'
     # multi-key sort with maintain_order is several times slower on the same rows.
     lf = (lf.select(job.user, "_t", *(["_local"] if job.needs_local else []), *ids)
@@ -239,7 +246,7 @@ def polars_words(good, job: Job, engine: str = "in-memory"):
     return lf.collect(engine=engine)
 
 
-def polars_good_rows(job: Job, timezone: str, table=None, engine: str = "in-memory", categorical: bool = False):
+def polars_good_rows(job: Job, timezone: str, table=None, engine: str = "streaming", categorical: bool = False):
     """The segment's good rows with ``_us``, ``_t`` (UTC seconds), ``_local`` (local seconds),
     ``_v_<attribute>`` values and the ``_k_<column>`` duplicate keys no value stands for.  ``table``:
     the segment's input already read (a shared table), else it is scanned.  ``categorical``:
@@ -257,7 +264,7 @@ def polars_good_rows(job: Job, timezone: str, table=None, engine: str = "in-memo
           .filter(ok & pl.col("_t").is_between(job.start, job.end - 1)))
     if job.needs_local:
         lf = lf.with_columns(local.alias("_local"))
-    keys = [_polars_key(c, dtypes[c]) for c, k in _polars_keys(job).items() if k.startswith("_k_")]
+    keys = [_polars_key(c, dtypes[c]) for c in _bucket_only(job)]
     values = []
     for a in job.attrs:
         v = _polars_value(a, dtypes.get(a.column))
@@ -268,7 +275,7 @@ def polars_good_rows(job: Job, timezone: str, table=None, engine: str = "in-memo
                      ).collect(engine=engine)
 
 
-def polars_pipeline(schema: SchemaConfig, out: Path, engine: str = "in-memory", shared_read: bool = True,
+def polars_pipeline(schema: SchemaConfig, out: Path, engine: str = "streaming", shared_read: bool = True,
                     categorical: bool = False) -> dict[str, int]:
     """Every segment's words to ``out/<segment>.parquet``; returns the words per segment.
 
@@ -582,11 +589,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("tool", choices=["polars", "duckdb", "pandas"])
     p.add_argument("--schema", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--engine", default="in-memory", help="polars: in-memory | streaming | auto")
+    p.add_argument("--engine", default="streaming", help="polars: streaming (Polars 2's default) | in-memory")
     p.add_argument("--separate-reads", action="store_true", help="polars: scan a shared table once per segment")
     p.add_argument("--categorical", action="store_true", help="polars: string values as pl.Categorical")
     p.add_argument("--threads", type=int, default=2, help="duckdb: PRAGMA threads")
-    p.add_argument("--memory-limit", default=None, help="duckdb: memory_limit, e.g. 8GB")
+    p.add_argument("--memory-limit", default="12GB", help="duckdb: memory_limit (spills to disk beyond it)")
     p.add_argument("--shared-read", action="store_true", help="duckdb: load a shared table once (a temp table)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()

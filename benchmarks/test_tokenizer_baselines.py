@@ -118,9 +118,10 @@ def _data(kind: str, root: Path):
 
 BASELINES = {
     "polars": polars_pipeline,
-    "polars-streaming-categorical": lambda s, o: polars_pipeline(s, o, engine="streaming", categorical=True),
-    "polars-separate-reads": lambda s, o: polars_pipeline(s, o, shared_read=False),
+    "polars-in-memory": lambda s, o: polars_pipeline(s, o, engine="in-memory"),
+    "polars-separate-reads-categorical": lambda s, o: polars_pipeline(s, o, shared_read=False, categorical=True),
     "duckdb": duckdb_pipeline,
+    "duckdb-shared-read": lambda s, o: duckdb_pipeline(s, o, shared_read=True),
     "pandas": pandas_pipeline,
 }
 
