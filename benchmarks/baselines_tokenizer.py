@@ -2,7 +2,7 @@
 user of a dataframe library would compute them, in Polars, in DuckDB SQL and in pandas.
 
 Each follows docs/FORMATS.md §1-3 for the schemas the benchmarks use (the planted-structure
-synthetic logs and tokenizer/realistic_logs.py): rows routed to segments by ``segment_column``;
+synthetic logs and tokenizer/synthetic/realistic.py): rows routed to segments by ``segment_column``;
 bad rows dropped (null or empty user, null time, outside the window); the vocabularies counted
 over the good rows (duplicates included: they are found after counting), ids by count
 descending then value ascending, ``min_count`` and ``max_vocab`` (the two reserved ids

@@ -3,7 +3,7 @@
     python benchmarks/tokenizer_vs_baselines.py --events 5000000 --repeat 2
     python benchmarks/tokenizer_vs_baselines.py --events 20000000 --items 1000000 --shops 100000 --repeat 2
 
-Generates logs with tokenizer/realistic_logs.py once (under ``--data``; reused while the shape is
+Generates logs with tokenizer/synthetic/realistic.py once (under ``--data``; reused while the shape is
 the same), runs every tool once untimed (Numba's cache, the page cache, .pyc files), then
 ``--repeat`` rounds: in each round every tool runs once as a fresh process, in an order rotated
 from round to round, timed by the wall clock around the process (start-up, imports, reading,
@@ -41,7 +41,7 @@ DEFAULT_TOOLS = ("tokenizer", "polars", "duckdb")
 def realistic_data(root: Path, events: int, items: int = 100_000, shops: int = 10_000, seed: int = 0) -> Path:
     """The schema of realistic logs of this shape under ``root`` (written unless already there)."""
     sys.path.insert(0, str(ROOT))
-    from tokenizer.realistic_logs import LogShape, write_logs
+    from tokenizer.synthetic.realistic import LogShape, write_logs
 
     shape = LogShape(events=events, items=items, shops=shops, seed=seed)
     marker = root / "SHAPE.json"
