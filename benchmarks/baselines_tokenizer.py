@@ -207,8 +207,14 @@ def polars_words(good, job: Job, engine: str = "streaming"):
     # by arithmetic, and repeated events are found on the codes instead of the strings.
     codes, ids = [], []
     for a in job.attrs:
-        v, known = polars_vocab(good[f"_v_{a.name}"], a)
-        code = pl.col(f"_v_{a.name}").replace_strict(v[f"_v_{a.name}"], v["_r"], default=0, return_dtype=pl.UInt32)
+        col = good[f"_v_{a.name}"]
+        v, known = polars_vocab(col, a)
+        if col.dtype == pl.Categorical:  # a lookup table indexed by the category's code
+            lut = pl.zeros(int(col.to_physical().max() or 0) + 1, pl.UInt32, eager=True)
+            lut = lut.scatter(v[col.name].to_physical(), v["_r"])
+            code = pl.lit(lut).gather(pl.col(col.name).to_physical()).fill_null(0)
+        else:
+            code = pl.col(col.name).replace_strict(v[col.name], v["_r"], default=0, return_dtype=pl.UInt32)
         codes.append(code.alias(f"_c_{a.name}"))
         c = pl.col(f"_c_{a.name}")
         ids.append(pl.when((c > 0) & (c <= known)).then(c.cast(pl.Int32) + 1).otherwise(1).cast(pl.Int32)
