@@ -118,8 +118,8 @@ def _data(kind: str, root: Path):
 
 BASELINES = {
     "polars": polars_pipeline,
-    "polars-in-memory": lambda s, o: polars_pipeline(s, o, engine="in-memory"),
-    "polars-separate-reads-categorical": lambda s, o: polars_pipeline(s, o, shared_read=False, categorical=True),
+    "polars-in-memory-strings": lambda s, o: polars_pipeline(s, o, engine="in-memory", categorical=False),
+    "polars-shared-read": lambda s, o: polars_pipeline(s, o, shared_read=True),
     "duckdb": duckdb_pipeline,
     "duckdb-shared-read": lambda s, o: duckdb_pipeline(s, o, shared_read=True),
     "pandas": pandas_pipeline,
