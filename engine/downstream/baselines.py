@@ -11,7 +11,10 @@
   value), one-hot user attributes, and log(1 + words) per segment; each column scaled by its RMS
   over the training users.  Binary: logistic loss; multiclass: softmax; next: the same multi-label
   softmax cross entropy as the model, over the item vocabulary.  L2 strength picked on the
-  validation users.  Fitted full-batch with L-BFGS in torch (sparse features).
+  validation users from 1e-4..1e-1, the grid widened 10x past an edge while the best value lies
+  there (a grid whose best is its largest value has not found the optimum).  Fitted full-batch
+  with L-BFGS in torch (sparse features).  The same fit (:func:`fit_linear`) is the linear probe
+  of exported embeddings (engine/downstream/probe.py).
 """
 
 from __future__ import annotations
@@ -169,24 +172,62 @@ def _sparse(coo: tuple[np.ndarray, np.ndarray, np.ndarray], n: int, n_features: 
 
 
 # -- logistic regression ----------------------------------------------------------------------------------
+L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)  # the starting grid; widened while its best value lies on an edge
+MAX_WIDEN = 4  # at most this many extra values per fit (10x beyond the edge each)
+
+
 @dataclass
-class LogReg:
-    """A fitted linear model on bag-of-attribute features."""
+class LinearModel:
+    """A fitted linear model on any feature matrix (sparse or dense rows x features)."""
 
     task: str
     weight: torch.Tensor  # [F, O]
     bias: torch.Tensor  # [O]
-    scale: np.ndarray  # [F] column scaling learned on the training users
-    layout: BagFeatures
     l2: float
+    tried: list[tuple[float, float]]  # (l2, validation score) of every value tried, in order
 
-    def scores(self, data: TokenizedData, rows: np.ndarray) -> np.ndarray:
-        x = _sparse(bag_of_attributes(data, rows, self.layout), len(rows), self.layout.n_features, self.scale)
+    def scores(self, x: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
-            out = (torch.sparse.mm(x, self.weight) + self.bias).double().numpy()
+            out = (_mm(x, self.weight) + self.bias).double().numpy()
         if self.task == "next":
             out[:, :FIRST_ID] = -np.inf
         return out
+
+
+@dataclass
+class LogReg:
+    """Logistic regression on bag-of-attribute features (a :class:`LinearModel` and its features)."""
+
+    linear: LinearModel
+    scale: np.ndarray  # [F] column scaling learned on the training users
+    layout: BagFeatures
+
+    @property
+    def l2(self) -> float:
+        return self.linear.l2
+
+    def features(self, data: TokenizedData, rows: np.ndarray) -> torch.Tensor:
+        return _sparse(bag_of_attributes(data, rows, self.layout), len(rows), self.layout.n_features, self.scale)
+
+    def scores(self, data: TokenizedData, rows: np.ndarray) -> np.ndarray:
+        return self.linear.scores(self.features(data, rows))
+
+
+def _mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.sparse.mm(x, w) if x.is_sparse else x @ w
+
+
+def initial_bias(train: TaskData) -> np.ndarray:
+    """The label prior as the bias the fit starts from (log frequencies; -inf for never-seen items)."""
+    pop = popularity_vector(train)
+    if train.task == "next":
+        finite = np.isfinite(pop)
+        init = np.full(len(pop), -np.inf)
+        init[finite] = np.log((pop[finite] + 1.0) / (pop[finite] + 1.0).sum())
+        return init
+    if train.task == "multiclass":
+        return np.log((pop + 1.0) / (pop + 1.0).sum())
+    return pop
 
 
 def _fit_linear(x: torch.Tensor, td: TaskData, l2: float, init_bias: np.ndarray, max_iter: int = 200
@@ -207,7 +248,7 @@ def _fit_linear(x: torch.Tensor, td: TaskData, l2: float, init_bias: np.ndarray,
         y = torch.from_numpy(td.y)
 
     def loss_fn() -> torch.Tensor:
-        logits = torch.sparse.mm(x, w) + b
+        logits = _mm(x, w) + b
         if td.task == "binary":
             loss = F.binary_cross_entropy_with_logits(logits[:, 0], y.float())
         elif td.task == "multiclass":
@@ -248,34 +289,75 @@ def primary_score(td: TaskData, scores: np.ndarray) -> float:
     return score_metrics(td, scores)[PRIMARY_METRIC[td.task]]
 
 
+def search_on_edges(score_of: Callable[[float], float], grid: tuple[float, ...], *, factor: float = 10.0,
+                    max_widen: int = MAX_WIDEN) -> tuple[float, list[tuple[float, float]]]:
+    """The grid value with the best score, widening the grid while the best lies on its edge.
+
+    A best value at the smallest (largest) value tried, strictly better than its neighbour, means the
+    optimum may lie beyond it: the next value ``factor`` further out is tried, up to ``max_widen``
+    times.  Ties go to the value tried first.  Returns (best value, [(value, score)] of all tried).
+    """
+    tried = {v: score_of(v) for v in sorted(grid)}
+    for _ in range(max_widen if len(tried) > 1 else 0):
+        values = sorted(tried)
+        scores = [tried[v] if np.isfinite(tried[v]) else -np.inf for v in values]
+        best = int(np.argmax(scores))
+        if best == 0 and scores[0] > scores[1]:
+            nxt = values[0] / factor
+        elif best == len(values) - 1 and scores[-1] > scores[-2]:
+            nxt = values[-1] * factor
+        else:
+            break
+        tried[nxt] = score_of(nxt)
+    values = sorted(tried)
+    best_value = max(values, key=lambda v: tried[v] if np.isfinite(tried[v]) else -np.inf)
+    return best_value, [(v, tried[v]) for v in values]
+
+
+def fit_linear(x_train: torch.Tensor, train: TaskData, x_val: torch.Tensor | None = None, val: TaskData | None = None,
+               l2_grid: tuple[float, ...] = L2_GRID, max_widen: int = MAX_WIDEN) -> LinearModel:
+    """A linear model (logistic / softmax / multi-label softmax by task) on any features, with the L2 strength
+    that scores best on the validation users: searched over ``l2_grid``, widened where the best lies on an
+    edge (:func:`search_on_edges`).  Without validation users, the middle of the grid.  Features should be
+    on one scale (e.g. each column scaled by its RMS or standardised), so one strength suits all columns.
+    """
+    init = initial_bias(train)
+    if val is None or not len(val) or x_val is None:
+        l2 = l2_grid[len(l2_grid) // 2]
+        w, b = _fit_linear(x_train, train, l2, init)
+        return LinearModel(train.task, w, b, l2, [(l2, float("nan"))])
+    fits: dict[float, LinearModel] = {}
+
+    def score_of(l2: float) -> float:
+        w, b = _fit_linear(x_train, train, l2, init)
+        fits[l2] = LinearModel(train.task, w, b, l2, [])
+        return primary_score(val, fits[l2].scores(x_val))
+
+    best, tried = search_on_edges(score_of, l2_grid, max_widen=max_widen)
+    model = fits[best]
+    model.tried = tried
+    if tried[0][0] == best or tried[-1][0] == best:
+        log.info("linear model: the best L2 (%g) is still on the edge of the widened grid %s", best,
+                 [v for v, _ in tried])
+    return model
+
+
+def rms_scale(coo: tuple[np.ndarray, np.ndarray, np.ndarray], n_rows: int, n_features: int) -> np.ndarray:
+    """1 / RMS of every column over ``n_rows`` rows (0 for empty columns): puts counts and one-hots on one scale
+    without centring, so sparse features stay sparse."""
+    _, c, v = coo
+    sq = np.bincount(c, weights=v * v, minlength=n_features) / max(n_rows, 1)
+    return np.where(sq > 0, 1.0 / np.sqrt(np.maximum(sq, 1e-12)), 0.0)
+
+
 def fit_logreg(data: TokenizedData, train: TaskData, val: TaskData | None,
-               l2_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)) -> LogReg:
-    """Logistic regression on bag-of-attribute counts; the L2 strength with the best validation metric."""
+               l2_grid: tuple[float, ...] = L2_GRID, max_widen: int = MAX_WIDEN) -> LogReg:
+    """Logistic regression on bag-of-attribute counts; the L2 strength with the best validation metric
+    (the grid widened past an edge, :func:`fit_linear`)."""
     layout = bag_layout(data)
     coo = bag_of_attributes(data, train.rows, layout)
-    r, c, v = coo
-    # RMS per column over the training users, so one L2 strength suits counts and one-hots alike.
-    sq = np.bincount(c, weights=v * v, minlength=layout.n_features) / max(len(train), 1)
-    scale = np.where(sq > 0, 1.0 / np.sqrt(np.maximum(sq, 1e-12)), 0.0)
+    scale = rms_scale(coo, len(train), layout.n_features)
     x = _sparse(coo, len(train), layout.n_features, scale)
-    pop = popularity_vector(train)
-    if train.task == "next":
-        finite = np.isfinite(pop)
-        init_bias = np.full(len(pop), -np.inf)
-        init_bias[finite] = np.log((pop[finite] + 1.0) / (pop[finite] + 1.0).sum())
-    elif train.task == "multiclass":
-        init_bias = np.log((pop + 1.0) / (pop + 1.0).sum())
-    else:
-        init_bias = pop
-    grid = l2_grid if val is not None and len(val) else (l2_grid[len(l2_grid) // 2],)
-    best: tuple[float, LogReg] | None = None
-    for l2 in grid:
-        w, b = _fit_linear(x, train, l2, init_bias)
-        model = LogReg(train.task, w, b, scale, layout, l2)
-        if len(grid) == 1:
-            return model
-        s = primary_score(val, model.scores(data, val.rows))
-        log.debug("logreg l2=%g: val %s %.4f", l2, PRIMARY_METRIC[train.task], s)
-        if best is None or (np.isfinite(s) and s > best[0]):
-            best = (s, model)
-    return best[1]
+    x_val = (_sparse(bag_of_attributes(data, val.rows, layout), len(val), layout.n_features, scale)
+             if val is not None and len(val) else None)
+    return LogReg(fit_linear(x, train, x_val, val, l2_grid, max_widen), scale, layout)

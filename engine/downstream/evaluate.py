@@ -154,7 +154,8 @@ def baseline_outputs(data: TokenizedData, td: TaskData, split: Split, names: tup
             scorer = history_scorer(data, train, next_attribute, val)
         elif name == "logreg":
             model = fit_logreg(data, train, val if len(val) else None)
-            log.info("logreg baseline: L2 %g", model.l2)
+            log.info("logreg baseline: L2 %g (tried %s)", model.l2,
+                     ", ".join(f"{v:g}: {s:.4f}" for v, s in model.linear.tried))
             scorer = lambda rows, model=model: model.scores(data, rows)
         else:
             raise ValueError(f"unknown baseline {name!r} (known: {', '.join(BASELINES)})")
