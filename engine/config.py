@@ -32,8 +32,16 @@ class ModelConfig:
     layer_norm_eps: float = 1e-12
     init_std: float = 0.02
     kernel_impl: Impl = "auto"  # auto: Triton on CUDA, torch elsewhere
+    # A user-level pretraining objective beside the paper's masked words (an option; 0 = the paper):
+    # from the mean of the user's final states (the embedding `embed` exports), predict the whole
+    # distribution of each behaviour attribute's values in the user's history, masked words included.
+    # The masked-word task never asks the pooled state to summarise the user; this does.  A model
+    # setting because it adds heads (H x V per attribute) that the exported model carries.
+    user_bag_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.user_bag_weight < 0:
+            raise ConfigError(f"user_bag_weight: must be >= 0, got {self.user_bag_weight}")
         for key in ("hidden", "layers", "heads", "ffn_mult"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
@@ -84,6 +92,9 @@ class TrainConfig:
     checkpoint_every: int = 0  # resume checkpoint every N steps (0: none on the way)
     checkpoint_at_end: bool = True  # and one after the last step
     keep_checkpoints: int = 3  # the last K resume checkpoints are kept
+    # Also export the model at these steps, to RUNDIR/model_step<N> (curves of embedding quality
+    # against pretraining length from one run; the last step's model is RUNDIR/model as always).
+    export_steps: tuple[int, ...] = ()
     max_bad_steps: int = 5  # abort after this many consecutive non-finite losses / unrecoverable skipped updates
     max_seconds: float = 0.0  # stop early after this wall time (0: no limit)
     device: str = "auto"  # auto: cuda if available, else cpu

@@ -55,3 +55,40 @@ class PretrainHeads(nn.Module):
         stats: dict[str, float] = {f"loss/{n}": s / max(m, 1) for n, s, m in zip(names, sums, head_rows)}
         stats["masked_words"] = float(n_masked)
         return loss, stats
+
+
+class UserBagHeads(nn.Module):
+    """The user-level objective (``model.user_bag_weight``): from the pooled user state, the distribution of
+    each behaviour attribute's values over all of the user's actions.
+
+    Per segment s and attribute k, a Linear(H -> V_k) reads the pooled state ``[B, H]``; the loss is the
+    softmax cross entropy against the user's value counts / their total (padding ids excluded), averaged
+    over the users with actions in s, summed over heads.  Plain torch: the logits are only ``[B, V_k]``.
+    """
+
+    def __init__(self, cfg: ModelConfig, spec: VocabSpec):
+        super().__init__()
+        self.heads = nn.ModuleDict({
+            s.name: nn.ModuleDict({a: nn.Linear(cfg.hidden, v) for a, v in zip(s.attributes, s.vocab_sizes)})
+            for s in spec.segments
+        })
+
+    def forward(self, pooled: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        B = pooled.shape[0]
+        total = pooled.new_zeros((), dtype=torch.float32)
+        parts = []
+        for seg_heads, sb in zip(self.heads.values(), batch.segments):
+            lens = (sb.word_offsets[1:] - sb.word_offsets[:-1]).long()  # [W] actions per word
+            act_user = torch.repeat_interleave(sb.word_slot // batch.max_len, lens)  # [A] user row of each action
+            for k, head in enumerate(seg_heads.values()):
+                ids = sb.attr_ids[:, k].long()
+                real = ids > 0
+                u, i = act_user[real], ids[real]
+                count = torch.bincount(u, minlength=B).float()  # [B] the user's actions with a value of k
+                logp = torch.log_softmax(head(pooled).float(), dim=-1)  # [B, V_k]
+                users = (count > 0).sum().clamp_min(1)
+                loss = -(logp[u, i] / count[u]).sum() / users
+                total = total + loss
+                parts.append(loss)
+        stats = {"loss/user_bag": float(torch.stack(parts).sum().detach()) if parts else 0.0}
+        return total, stats

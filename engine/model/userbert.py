@@ -17,7 +17,7 @@ from engine.config import MaskingConfig, ModelConfig, VocabSpec
 from engine.data.batch import Batch
 from engine.model.embeddings import Embeddings, init_embedding_padding, user_attr_offsets
 from engine.model.encoder import Encoder
-from engine.model.heads import PretrainHeads
+from engine.model.heads import PretrainHeads, UserBagHeads
 
 __all__ = ["UserBERT", "user_attr_offsets"]
 
@@ -30,6 +30,7 @@ class UserBERT(nn.Module):
         self.embeddings = Embeddings(cfg, spec)
         self.encoder = Encoder(cfg)
         self.heads = PretrainHeads(cfg, spec)
+        self.bag_heads = UserBagHeads(cfg, spec) if cfg.user_bag_weight > 0 else None
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -59,13 +60,7 @@ class UserBERT(nn.Module):
         states of all of the user's real tokens; those of words are trained by the pretext task to
         describe their word, so their mean summarises the whole history without any fine-tuning.
         """
-        hidden = self.encode(batch)  # [B, T, H]
-        if pooling == "cls":
-            return hidden[:, 0]
-        if pooling != "mean":
-            raise ValueError(f"pooling: expected 'cls' or 'mean', got {pooling!r}")
-        real = batch.padding_mask().unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
-        return (hidden * real).sum(dim=1) / real.sum(dim=1)
+        return pool(self.encode(batch), batch, pooling)
 
     def pretrain_head(self, segment: str, attribute: str) -> nn.Linear:
         """The pretext head of one attribute (fine-tuning over the same vocabulary may start from it)."""
@@ -77,9 +72,26 @@ class UserBERT(nn.Module):
         loss: summed over every head (s, k) and masked word, then divided by the number of masked
         words when ``masking.loss_reduction == "mean"`` (fp32 scalar, 0 when nothing is masked).
         stats: ``"loss/<segment>.<attribute>"``, each head's mean loss over its segment's masked
-        words (float), and ``"masked_words"`` (float).
+        words (float), and ``"masked_words"`` (float).  With ``model.user_bag_weight > 0`` the loss
+        adds that weight times the user-level bag loss (engine/model/heads.py, ``"loss/user_bag"``).
         """
-        return self.heads(self.encode(batch), batch, masking)
+        hidden = self.encode(batch)  # [B, T, H]
+        loss, stats = self.heads(hidden, batch, masking)
+        if self.bag_heads is not None:
+            bag, bag_stats = self.bag_heads(pool(hidden, batch, "mean"), batch)
+            loss = loss + self.cfg.user_bag_weight * bag
+            stats.update(bag_stats)
+        return loss, stats
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def pool(hidden: torch.Tensor, batch: Batch, pooling: str) -> torch.Tensor:
+    """``[B, T, H]`` final states -> ``[B, H]``: the first token's ("cls") or the mean over real tokens ("mean")."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling != "mean":
+        raise ValueError(f"pooling: expected 'cls' or 'mean', got {pooling!r}")
+    real = batch.padding_mask().unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
+    return (hidden * real).sum(dim=1) / real.sum(dim=1)

@@ -14,6 +14,7 @@ Run directory layout::
     RUNDIR/loss.png             loss curve, written at the end
     RUNDIR/checkpoints/         resume checkpoints (engine/train/checkpoints.py), the last K kept
     RUNDIR/model/               exported weights (safetensors, fp32) + model.json, for finetune and embed
+    RUNDIR/model_step<N>/       the same at step N, for each N in train.export_steps
 """
 
 from __future__ import annotations
@@ -332,6 +333,8 @@ class Pretraining:
         metrics = MetricsLogger(self.run_dir, enabled=main, start_step=self.start_step)
         bar = Progress(tc.steps, self.start_step, enabled=main and self.progress)
         heads = [f"loss/{s.name}.{a}" for s in self.spec.segments for a in s.attributes]
+        if self.cfg.model.user_bag_weight > 0:
+            heads.append("loss/user_bag")
         if main:
             log.info("training steps %d..%d on %s (%s, %s), %d loader threads%s", self.start_step, tc.steps,
                      self.backend.name, self.precision, ctx.backend, workers, ", pinned" if pin else "")
@@ -373,6 +376,8 @@ class Pretraining:
                 self.pending, seen["wait"], last_log = [], 0.0, now
             if not s.stopping and tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.steps:
                 outcome.checkpoint = self.save()
+            if step in tc.export_steps and step < tc.steps:
+                self.export(step, self.run_dir / f"model_step{step}")
 
         self.model.train()
         # The handlers stay through the final checkpoint and export: a signal there is noted, not fatal.
@@ -410,10 +415,10 @@ class Pretraining:
             plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
         return outcome
 
-    def export(self, step: int) -> Path:
-        """fp32 weights as safetensors + model.json in RUNDIR/model (for finetune and embed)."""
+    def export(self, step: int, out: Path | None = None) -> Path:
+        """fp32 weights as safetensors + model.json in RUNDIR/model, or ``out`` (for finetune and embed)."""
         state = self.backend.full_state_dict()  # collective
-        out = self.run_dir / "model"
+        out = out or self.run_dir / "model"
         if self.ctx.is_main:
             cpu_model = UserBERT(self.cfg.model, self.spec)
             cpu_model.load_state_dict(state)
