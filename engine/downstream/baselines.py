@@ -336,9 +336,11 @@ def fit_linear(x_train: torch.Tensor, train: TaskData, x_val: torch.Tensor | Non
     best, tried = search_on_edges(score_of, l2_grid, max_widen=max_widen)
     model = fits[best]
     model.tried = tried
-    if tried[0][0] == best or tried[-1][0] == best:
-        log.info("linear model: the best L2 (%g) is still on the edge of the widened grid %s", best,
-                 [v for v, _ in tried])
+    scores = dict(tried)
+    for edge, inner in ((0, 1), (-1, -2)):
+        if len(tried) > 1 and tried[edge][0] == best and scores[best] > tried[inner][1]:
+            log.info("linear model: the best L2 (%g) is still on the edge of the widened grid %s", best,
+                     [v for v, _ in tried])
     return model
 
 
