@@ -87,13 +87,13 @@ def embeddings(tok: Path, model_dir: str | Path, cache: Path, data) -> np.ndarra
 def probe_task(spec, data, cfg: RunConfig, emb: np.ndarray | None, feature_sets: tuple[str, ...], folds: int,
                seed: int, cache: Path) -> tuple[object, dict[str, np.ndarray], np.ndarray]:
     """Out-of-fold outputs of each feature set on one task (cached per fold)."""
-    from experiment import kfold
+    from experiment import load_spec, task_split, user_folds
 
     from engine.downstream.probe import probe_outputs
-    from engine.downstream.tasks import load_task
 
-    td = load_task(spec.labels, data, spec.task, getattr(spec, "next_attribute", None) or cfg.finetune.next_attribute)
-    splits = kfold(len(td), folds, seed, cfg.finetune.val_fraction)
+    td = load_spec(spec, data, cfg)
+    splits = [task_split(td.rows, roles) for roles in user_folds(data.num_users, folds, seed,
+                                                                 cfg.finetune.val_fraction)]
     width = 20 if td.task == "next" else td.n_outputs
     oof = {f: np.zeros((len(td), width), np.int64 if td.task == "next" else np.float64) for f in feature_sets}
     fold_of = np.zeros(len(td), np.int64)
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg_path = args.config or CONFIGS / f"{args.dataset}.toml"
     sets = parse_overrides(args.set)
     cfg = load_config(cfg_path, sets)
-    tok, tasks = _prepare(prepare, args, work)
+    tok, tasks = prepare(args.dataset, work, args.users, args.source)
     if args.tasks:
         tasks = [t for t in tasks if t.name in set(args.tasks.split(","))]
     data = open_tokenized(tok)
@@ -199,15 +199,6 @@ def main(argv: list[str] | None = None) -> int:
                                          for m in outputs})
     write(doc, args.out, args.dataset, steps, fractions, data.num_users)
     return 0
-
-
-def _prepare(prepare, args, work: Path):
-    """experiment.prepare, with the MovieLens source where its signature takes one."""
-    import inspect
-
-    params = inspect.signature(prepare).parameters
-    kwargs = {"source": args.source} if "source" in params else {}
-    return prepare(args.dataset, work, args.users, **kwargs)
 
 
 def write(doc: dict, out: Path, dataset: str, steps: list[int], fractions: list[float], n_users: int) -> None:

@@ -13,7 +13,7 @@ from cli.main import main
 from engine.config import VocabSpec, load_config
 from engine.downstream.baselines import bag_layout, fit_logreg, history_scorer, item_counts, popularity_scores
 from engine.downstream.evaluate import baseline_outputs, evaluate_outputs
-from engine.downstream.finetune import build_encoder, finetune, load_task_model, param_groups, predict
+from engine.downstream.finetune import TaskModel, build_encoder, finetune, load_task_model, param_groups, predict
 from engine.downstream.metrics import score_metrics, task_metrics
 from engine.downstream.tasks import LabelError, TaskData, load_task, make_split, split_indices
 from engine.train.backends import TorchBackend
@@ -417,3 +417,50 @@ def test_cli_finetune_through_deepspeed_in_one_process(tiny, tmp_path):
                  "--set", *sets]) == 2
     assert not (tmp_path / "ft2").exists() and not (tmp_path / "ft3").exists()
     assert not dist.is_initialized()
+
+
+def test_exclude_seen_items_are_never_ranked_by_models_or_baselines(tiny, tmp_path):
+    """next with exclude_seen: the user's own items are masked in predict, the baselines and the metrics."""
+    root, data = tiny
+    genres = data.vocab("long", "genre").to_pylist()
+    rng = np.random.default_rng(0)
+    labels = [[genres[int(i)] for i in rng.choice(len(genres), 3, replace=False)] for _ in range(data.num_users)]
+    path = _write(tmp_path / "next.parquet", user_id=data.user_ids, label=labels)
+    plain = load_task(path, data, "next")
+    td = load_task(path, data, "next", exclude_seen=True)
+    long = data.segment("long")
+    k = long.attributes.index("genre")
+    for i in (0, 5, len(td) - 1):  # seen = the distinct genre ids of the user's actions
+        r = td.rows[i]
+        own = np.unique(long.attr_ids[long.user_action_offsets[r]:long.user_action_offsets[r + 1], k])
+        assert td.seen_ids[td.seen_offsets[i]:td.seen_offsets[i + 1]].tolist() == own.tolist()
+    sub = td.subset(np.array([5, 0]))
+    assert sub.seen_ids[:sub.seen_offsets[1]].tolist() == td.seen_ids[td.seen_offsets[5]:td.seen_offsets[6]].tolist()
+
+    def seen_ranked(t, top):
+        """Seen items in the top 10 of users with at least 10 unseen items (others' lists fill up with seen ones)."""
+        n_seen = np.diff(t.seen_offsets)
+        return sum(len(np.intersect1d(top[j], t.seen_ids[t.seen_offsets[j]:t.seen_offsets[j + 1]]))
+                   for j in range(len(t)) if t.n_outputs - 2 - n_seen[j] >= 10)
+
+    split = split_indices(len(td), 0.1, 0, 0.3)
+    test = td.subset(split.test)
+    out = baseline_outputs(data, td, split, ("popular", "history"), k=10)
+    assert seen_ranked(test, out["popular"]) == 0 and seen_ranked(test, out["history"]) == 0
+    assert seen_ranked(test, baseline_outputs(data, plain, split, ("history",), k=10)["history"]) > 0
+    cfg = load_config(None, TINY)
+    spec = VocabSpec.from_manifest(data.manifest)
+    from engine.data.collate import CollateConfig, Collator
+    from engine.model.userbert import user_attr_offsets
+
+    model = TaskModel(build_encoder(None, cfg.model, spec, seed=0), "next", td.n_outputs)
+    collator = Collator(data, user_attr_offsets(spec), CollateConfig(select_prob=0.0))
+    top = predict(model, collator, test.rows, 16, torch.device("cpu"), k=10, exclude=test.seen_csr())[0]
+    assert seen_ranked(test, top) == 0 and (top >= 2).all()
+    assert seen_ranked(test, predict(model, collator, test.rows, 16, torch.device("cpu"), k=10)[0]) > 0
+    # score_metrics (what validation choices are made on) masks too: a score that ranks seen items first
+    # scores as if they were not there
+    scores = np.zeros((len(test), td.n_outputs))
+    scores[np.repeat(np.arange(len(test)), np.diff(test.seen_offsets)), test.seen_ids] = 100.0
+    assert score_metrics(test, scores)["map@10"] == pytest.approx(
+        score_metrics(test, np.zeros_like(scores) + np.where(scores > 0, -np.inf, 0))["map@10"])

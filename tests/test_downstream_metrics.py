@@ -140,3 +140,63 @@ def test_bootstrap_interval_has_the_normal_width_and_covers_the_estimate():
     y = np.array([1] + [0] * 9)
     est, lo, hi = bootstrap_ci(lambda i: roc_auc(y[i], np.arange(10)[i]), 10, n_boot=200)
     assert np.isfinite(lo) and np.isfinite(hi)
+
+
+# -- bootstrap resamples as weights (one sort for all resamples) ------------------------------------------
+def test_weighted_auc_is_the_auc_of_each_resample_with_ties():
+    from engine.downstream.metrics import bootstrap_indices, resample_weights, weighted_auc, weighted_auc_ovr
+
+    rng = np.random.default_rng(4)
+    n = 83
+    y = rng.integers(0, 2, n)
+    s = rng.integers(0, 5, n).astype(float)  # many ties
+    idx = bootstrap_indices(n, 40, 2)
+    w = resample_weights(idx, n)
+    assert w.sum(1).tolist() == [n] * 40
+    slow = np.array([roc_auc(y[i], s[i]) for i in idx])
+    assert np.allclose(weighted_auc(y, s, w), slow, atol=1e-12)
+    assert np.isnan(weighted_auc(np.ones(n), s, w)).all()  # no negative user: undefined, as roc_auc
+    yc = rng.integers(0, 4, n)
+    sc = rng.normal(size=(n, 4)).round(1)
+    slow = np.array([roc_auc_ovr(yc[i], sc[i]) for i in idx])
+    assert np.allclose(weighted_auc_ovr(yc, sc, w), slow, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_macro_f1_matches_sklearn_on_all_users_and_on_resamples(seed):
+    from sklearn.metrics import f1_score
+
+    from engine.downstream.metrics import bootstrap_indices, macro_f1, resample_weights
+
+    rng = np.random.default_rng(seed)
+    n = 120
+    y = rng.integers(0, 7, n)
+    p = np.where(rng.random(n) < 0.4, y, rng.integers(0, 6, n))  # class 6 is never predicted
+    assert macro_f1(y, p, 7) == pytest.approx(f1_score(y, p, average="macro"), abs=1e-12)
+    idx = bootstrap_indices(n, 25, seed)
+    slow = np.array([f1_score(y[i], p[i], average="macro") for i in idx])
+    assert np.allclose(macro_f1(y, p, 7, resample_weights(idx, n)), slow, atol=1e-12)
+
+
+def test_grouped_bootstrap_intervals_equal_the_per_resample_computation():
+    """evaluate_outputs' fast path (weights) gives exactly the intervals of scoring every resample."""
+    from engine.downstream.evaluate import evaluate_outputs
+    from engine.downstream.metrics import bootstrap_indices
+    from engine.downstream.tasks import TaskData
+
+    rng = np.random.default_rng(1)
+    n, c = 150, 5
+    y = rng.integers(0, c, n)
+    groups = np.repeat(np.arange(3), 50)
+    scores = rng.normal(size=(n, c)) + 1.5 * np.eye(c)[y]
+    td = TaskData("multiclass", np.arange(n), y=y, n_outputs=c)
+    r = evaluate_outputs(td, {"m": scores}, groups=groups, n_boot=60, seed=3)
+    idx = np.concatenate([np.flatnonzero(groups == g)[bootstrap_indices(50, 60, 3 + 1 + g)] for g in range(3)],
+                         axis=1)
+    boots = [np.mean([roc_auc_ovr(y[i[groups[i] == g]], scores[i[groups[i] == g]]) for g in range(3)]) for i in idx]
+    lo, hi = np.quantile(boots, [0.025, 0.975])
+    iv = r.metrics["m"]["auc"]
+    assert (iv.low, iv.high) == pytest.approx((lo, hi), abs=1e-12)
+    assert iv.value == pytest.approx(np.mean([roc_auc_ovr(y[groups == g], scores[groups == g]) for g in range(3)]))
+    assert set(r.metrics["m"]) == {"auc", "accuracy", "macro_f1"}
+    assert r.metrics["m"]["macro_f1"].low < r.metrics["m"]["macro_f1"].value < r.metrics["m"]["macro_f1"].high

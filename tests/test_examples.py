@@ -195,19 +195,87 @@ def test_experiment_recipe_end_to_end_on_tiny_synthetic_data(tmp_path):
     exp = _module(EXAMPLES / "experiment.py")
     tiny = ["model.hidden=16", "model.layers=1", "model.heads=2", "train.steps=4", "train.warmup_steps=1",
             "train.log_every=1", "finetune.epochs=2", "finetune.patience=2", "finetune.batch_size=32"]
+    models = ["pretrained", "scratch", "no_discretisation", "wide_deep_mtl", "popular", "logreg"]
     args = ["--dataset", "synthetic", "--users", "240", "--folds", "2", "--tasks", "is_parent", "--models",
-            "pretrained,scratch,popular,logreg", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
+            ",".join(models), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
     assert exp.main([*args, "--set", *tiny]) == 0
     md = (tmp_path / "out" / "synthetic.md").read_text()
-    for model in ("pretrained", "scratch", "popular", "logreg"):
+    for model in models:
         assert re.search(rf"\| {model} \| (\*\*)?[01]\.\d{{4}} \[[01]\.\d{{4}}, [01]\.\d{{4}}\]", md), model
     assert "pretrained - scratch" in md and "Validation auc at the chosen epoch" in md
+    assert "pretrained - no_discretisation" in md and "pretrained - wide_deep_mtl" in md
+    # the ablation's cost beside its metric: one word per action means more words per user
+    daily = re.search(r"\| daily/session \(the paper\) \| ([\d.]+) \| ([\d.]+) \|", md)
+    action = re.search(r"\| one per action \| ([\d.]+) \| ([\d.]+) \|", md)
+    assert daily and action and float(action.group(1)) > float(daily.group(1))
+    assert float(action.group(1)) == pytest.approx(float(action.group(2)), rel=0.02)  # a word is an action
     doc = json.loads((tmp_path / "out" / "synthetic.json").read_text())
     report = doc["tasks"]["is_parent"]["report"]
     iv = report["metrics"]["pretrained"]["auc"]
     assert iv["low"] <= iv["value"] <= iv["high"] and report["metrics"]["popular"]["auc"]["value"] == 0.5
-    assert [len(v) for v in doc["tasks"]["is_parent"]["fold_metrics"].values()] == [2, 2, 2, 2]
+    assert [len(v) for v in doc["tasks"]["is_parent"]["fold_metrics"].values()] == [2] * len(models)
     for png in ("synthetic_is_parent.png", "synthetic_bars.png"):
         assert (tmp_path / "out" / png).stat().st_size > 5000
     with pytest.raises(SystemExit, match="other settings"):
         exp.main([*args, "--set", *tiny, "finetune.lr=0.5"])
+    # the results page: the paper's table shape from the JSON, written between its markers
+    page_mod = _module(EXAMPLES / "results_page.py")
+    page = tmp_path / "out" / "README.md"
+    page.write_text("# Results\n\nhand-written text stays\n")
+    page_mod.write_page(tmp_path / "out", ["synthetic"])
+    page_mod.write_page(tmp_path / "out", ["synthetic"])  # a second run replaces the block, it does not add one
+    text = page.read_text()
+    assert text.count(page_mod.START) == 1 and "hand-written text stays" in text
+    main_table = text[text.index("| model |"):].split("\n\n")[0].splitlines()
+    rows = {line.split(" | ")[0].strip("| "): line for line in main_table[2:]}
+    assert {"UserBERT (ours: pretrained, fine-tuned)", "without discretisation (one word per action)",
+            "Wide&Deep + MTL", "logistic regression on counts"} <= set(rows)
+    auc = {m: report["metrics"][m]["auc"]["value"] for m in models}
+    best = max(auc.values())
+    assert sum(line.count(f"**{best:.3f} [") for line in rows.values()) >= 1  # the column's best is bold
+    assert "| pretraining helps (ours > without pretraining) |" in text and "one per action" in text
+
+
+def test_user_folds_give_every_user_one_role_per_fold_shared_by_all_tasks():
+    exp = _module(EXAMPLES / "experiment.py")
+    folds = exp.user_folds(1000, 5, 0, 0.1)
+    test = np.stack([r == exp.TEST for r in folds])
+    assert (test.sum(0) == 1).all()  # every user is tested exactly once
+    assert all(abs(int((r == exp.VAL).sum()) - 100) <= 1 for r in folds)  # 10% of all users validate
+    assert all(((r == exp.VAL) & (r == exp.TEST)).sum() == 0 for r in folds)
+    assert np.array_equal(exp.user_folds(1000, 5, 0, 0.1)[2], folds[2])  # reproducible
+    # two tasks over different labelled users: a user's role is the same in both
+    a, b = np.arange(0, 1000, 2), np.arange(0, 1000, 3)
+    sa, sb = exp.task_split(a, folds[1]), exp.task_split(b, folds[1])
+    common = np.intersect1d(a, b)
+    role = lambda rows, sp: {int(rows[i]): k for k, part in enumerate((sp.train, sp.val, sp.test)) for i in part}
+    ra, rb = role(a, sa), role(b, sb)
+    assert all(ra[u] == rb[u] for u in common)
+
+
+def test_experiment_prepares_movielens_tasks_from_the_recbole_layout(tmp_path):
+    """--dataset movielens: the four tasks of the results page, each with its ranked attribute; next_movie
+    never ranks a movie the user has rated."""
+    exp = _module(EXAMPLES / "experiment.py")
+    _write_recbole(tmp_path / "rb")
+    with pytest.raises(SystemExit, match="needs --source"):
+        exp.prepare("movielens", tmp_path / "w0", 0, None)
+    tok, tasks = exp.prepare("movielens", tmp_path / "w", 0, tmp_path / "rb")
+    by = {t.name: t for t in tasks}
+    assert sorted(by) == ["gender", "next_genre", "next_movie", "occupation"]
+    assert (by["next_movie"].next_attribute, by["next_movie"].exclude_seen) == ("ratings.item", True)
+    assert by["next_genre"].next_attribute == "ratings.genre" and not by["next_genre"].exclude_seen
+    data = open_tokenized(tok)
+    cfg = exp.load_config(exp.CONFIGS / "movielens.toml")
+    # (the fixture's later movies were never rated before the cut, so next_movie has no rankable label here;
+    # tests/test_downstream_finetune.py checks exclude_seen on a next task)
+    genre = exp.load_spec(exp.TaskSpec("g", by["next_genre"].labels, "next", "", "ratings.genre", True), data, cfg)
+    seg = data.segment("ratings")
+    k = seg.attributes.index("genre")
+    for i, r in enumerate(genre.rows):
+        own = np.unique(seg.attr_ids[seg.user_action_offsets[r]:seg.user_action_offsets[r + 1], k])
+        assert genre.seen_ids[genre.seen_offsets[i]:genre.seen_offsets[i + 1]].tolist() == own.tolist()
+    assert exp.load_spec(by["occupation"], data, cfg).task == "multiclass"
+    action = exp.tokenize_words(tmp_path / "w" / "raw", tmp_path / "w", "action")
+    seg = open_tokenized(action).segment("ratings")
+    assert (np.diff(seg.word_offsets()) == 1).all()  # no discretisation: every word is one action

@@ -55,6 +55,7 @@ from engine.downstream.tasks import (
     Task,
     TaskData,
     make_split,
+    mask_items,
 )
 from engine.model.export import load_model_description, load_weights, save_model
 from engine.model.userbert import UserBERT, user_attr_offsets
@@ -232,13 +233,17 @@ def _set_encoder_trainable(model: TaskModel, trainable: bool) -> None:
 # -- prediction and metrics -------------------------------------------------------------------------------
 @torch.no_grad()
 def predict(model: TaskModel, collator: Collator, rows: np.ndarray, batch_size: int, device: torch.device,
-            k: int = RANK_K, td: TaskData | None = None) -> tuple[np.ndarray, float]:
+            k: int = RANK_K, td: TaskData | None = None, exclude: tuple[np.ndarray, np.ndarray] | None = None
+            ) -> tuple[np.ndarray, float]:
     """Model outputs for dataset ``rows``, in order, and the mean loss when ``td`` (same users) is given.
 
     Outputs: scores ``[n, n_outputs]`` for binary/multiclass; for next, the top-``k`` item ids
-    ``[n, k]`` (reserved ids never ranked), reduced batch by batch so a large vocabulary never
+    ``[n, k]`` (reserved ids never ranked, nor each user's ``exclude`` items: a CSR aligned with
+    ``rows``, by default ``td``'s seen items), reduced batch by batch so a large vocabulary never
     needs an [n, V] matrix.
     """
+    if exclude is None and td is not None:
+        exclude = td.seen_csr()
     model.eval()
     outs, total = [], 0.0
     start = 0
@@ -252,6 +257,7 @@ def predict(model: TaskModel, collator: Collator, rows: np.ndarray, batch_size: 
         start += b.batch_size
         if model.task == "next":
             scores[:, :FIRST_ID] = -math.inf
+            mask_items(scores, exclude, start - b.batch_size)
             kk = min(k, scores.shape[1])
             vals, ids = torch.topk(scores, kk, dim=1)
             # torch.topk orders ties arbitrarily; re-sort by (score desc, id asc) for determinism.

@@ -1,4 +1,4 @@
-"""Downstream metrics: ROC AUC, accuracy, mAP@k, recall@k, NDCG@k, and bootstrap intervals.
+"""Downstream metrics: ROC AUC, accuracy, macro-F1, mAP@k, recall@k, NDCG@k, and bootstrap intervals.
 
 numpy only (no torch, no scikit-learn; tests check these against scikit-learn and hand-computed cases).
 
@@ -61,6 +61,66 @@ def roc_auc_ovr(labels: np.ndarray, scores: np.ndarray) -> float:
     aucs = [roc_auc(labels == c, scores[:, c]) for c in range(scores.shape[1]) if (labels == c).any()]
     aucs = [a for a in aucs if not np.isnan(a)]
     return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def resample_weights(idx: np.ndarray, n: int) -> np.ndarray:
+    """float64 [B, n]: how often each of n users occurs in each row of a bootstrap index matrix [B, m]."""
+    b = idx.shape[0]
+    flat = (idx + (np.arange(b, dtype=np.int64) * n)[:, None]).ravel()
+    return np.bincount(flat, minlength=b * n).reshape(b, n).astype(np.float64)
+
+
+def weighted_auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """ROC AUC under each row of user weights [B, n] (a bootstrap resample as multiplicities): [B].
+
+    The Mann-Whitney statistic with ties counted half, as :func:`roc_auc`: one sort for all resamples,
+    so 1,000 resamples cost about as much as 1,000 sums rather than 1,000 sorts.  NaN where a resample
+    has no positive or no negative user.
+    """
+    y = np.asarray(labels).astype(bool).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    order = np.argsort(s, kind="mergesort")
+    ss, yy, w = s[order], y[order], weights[:, order]
+    starts = np.flatnonzero(np.concatenate([[True], ss[1:] != ss[:-1]]))  # runs of tied scores
+    pos = np.add.reduceat(w * yy, starts, axis=1) if len(ss) else np.zeros((len(w), 0))  # [B, groups]
+    neg = np.add.reduceat(w * ~yy, starts, axis=1) if len(ss) else np.zeros((len(w), 0))
+    below = np.cumsum(neg, axis=1) - neg  # negatives strictly below each run
+    n_pos, n_neg = pos.sum(1), neg.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = (pos * (below + 0.5 * neg)).sum(1) / (n_pos * n_neg)
+    return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
+
+
+def weighted_auc_ovr(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """:func:`roc_auc_ovr` under each row of weights [B, n]: the mean one-vs-rest AUC over classes present."""
+    labels = np.asarray(labels).ravel()
+    per = np.stack([weighted_auc(labels == c, scores[:, c], weights) for c in range(scores.shape[1])])  # [C, B]
+    return _nanmean_rows(per)
+
+
+def _nanmean_rows(x: np.ndarray) -> np.ndarray:
+    """Mean over axis 0 ignoring NaN; NaN (no warning) where a column is all NaN."""
+    ok = np.isfinite(x)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ok, x, 0.0).sum(0) / ok.sum(0)
+
+
+def macro_f1(labels: np.ndarray, predictions: np.ndarray, n_classes: int,
+             weights: np.ndarray | None = None) -> np.ndarray | float:
+    """Macro-averaged F1 over the classes that occur among the labels or the predictions (scikit-learn's
+    ``f1_score(average="macro")``); per row of ``weights`` [B, n] when given (bootstrap multiplicities)."""
+    y = np.asarray(labels, dtype=np.int64).ravel()
+    p = np.asarray(predictions, dtype=np.int64).ravel()
+    w = np.ones((1, len(y))) if weights is None else weights
+    hit = (y == p).astype(np.float64)
+    tp = np.stack([w @ (hit * (y == c)) for c in range(n_classes)], 1)  # [B, C]
+    true = np.stack([w @ (y == c).astype(np.float64) for c in range(n_classes)], 1)
+    pred = np.stack([w @ (p == c).astype(np.float64) for c in range(n_classes)], 1)
+    present = (true + pred) > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(present, 2 * tp / (true + pred), 0.0)
+        out = f1.sum(1) / present.sum(1)
+    return float(out[0]) if weights is None else out
 
 
 def accuracy(labels: np.ndarray, predictions: np.ndarray) -> float:
@@ -226,26 +286,37 @@ def task_statistics(td: TaskData, outputs: np.ndarray, ks: tuple[int, ...], grou
 
         return {m: mean_of(v) for m, v in per.items()}
     y = td.y
+    n = len(y)
     if td.task == "binary":
         s = outputs[:, 0]
         pred = (s > 0).astype(np.int64)
         one = lambda i: roc_auc(y[i], s[i])
+        weighted = lambda members, w: weighted_auc(y[members], s[members], w)
     else:
         pred = outputs.argmax(1)
         one = lambda i: roc_auc_ovr(y[i], outputs[i])
-    if groups is None:
-        auc = lambda idx: _rowwise(idx, one)
-    else:
-        labels = np.unique(groups)
-        auc = lambda idx: _rowwise(idx, lambda i: float(np.nanmean([one(i[groups[i] == g]) for g in labels])))
+        weighted = lambda members, w: weighted_auc_ovr(y[members], outputs[members], w)
+    parts = [np.arange(n)] if groups is None else [np.flatnonzero(groups == g) for g in np.unique(groups)]
+
+    def auc(idx: np.ndarray):
+        if idx.ndim == 1:  # the point estimate, on these users exactly
+            if groups is None:
+                return one(idx)
+            return float(np.nanmean([one(idx[groups[idx] == g]) for g in np.unique(groups)]))
+        # Resamples: one sort per fold for all of them (weights = multiplicities), the mean over folds.
+        w = resample_weights(idx, n)
+        per = np.stack([weighted(m, w[:, m]) for m in parts])  # [folds, B]
+        return _nanmean_rows(per)
+
     correct = (pred == y).astype(np.float64)
-    return {"auc": auc, "accuracy": lambda idx: correct[idx].mean(axis=-1)}
-
-
-def _rowwise(idx: np.ndarray, f) -> np.ndarray | float:
-    if idx.ndim == 1:
-        return f(idx)
-    return np.array([f(i) for i in idx])
+    out = {"auc": auc, "accuracy": lambda idx: correct[idx].mean(axis=-1)}
+    if td.task == "multiclass":
+        def f1(idx: np.ndarray):
+            if idx.ndim == 1:
+                return macro_f1(y[idx], pred[idx], td.n_outputs)
+            return macro_f1(y, pred, td.n_outputs, resample_weights(idx, n))
+        out["macro_f1"] = f1
+    return out
 
 
 def task_metrics(td: TaskData, outputs: np.ndarray, ks: tuple[int, ...] = (RANK_K,)) -> dict[str, float]:
@@ -257,5 +328,8 @@ def task_metrics(td: TaskData, outputs: np.ndarray, ks: tuple[int, ...] = (RANK_
 def score_metrics(td: TaskData, scores: np.ndarray) -> dict[str, float]:
     """Metrics from a full score matrix (next: [n, V] scores are ranked here, reserved ids never)."""
     if td.task == "next":
+        from engine.downstream.tasks import mask_items
+
+        scores = mask_items(np.array(scores, dtype=np.float64), td.seen_csr())  # a copy: the caller's stays
         return task_metrics(td, top_k(scores, RANK_K, np.arange(FIRST_ID)))
     return task_metrics(td, scores)

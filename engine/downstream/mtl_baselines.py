@@ -352,9 +352,12 @@ class _TaskView(nn.Module):
 
 
 def predict_task(model: MTLModel, name: str, collator: Collator, rows: np.ndarray, batch_size: int,
-                 device: torch.device, k: int = RANK_K, td: TaskData | None = None) -> tuple[np.ndarray, float]:
-    """Task ``name``'s outputs for dataset ``rows`` in finetune.predict's format (and the mean loss given ``td``)."""
-    return predict(_TaskView(model, name), collator, np.asarray(rows, np.int64), batch_size, device, k=k, td=td)
+                 device: torch.device, k: int = RANK_K, td: TaskData | None = None,
+                 exclude: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, float]:
+    """Task ``name``'s outputs for dataset ``rows`` in finetune.predict's format (and the mean loss given ``td``;
+    ``exclude``: items never ranked per user, by default ``td``'s seen items)."""
+    return predict(_TaskView(model, name), collator, np.asarray(rows, np.int64), batch_size, device, k=k, td=td,
+                   exclude=exclude)
 
 
 # -- training -----------------------------------------------------------------------------------------------
@@ -372,14 +375,15 @@ class MTLResult:
 
 def train_mtl(data: TokenizedData, tasks: dict[str, TaskData], arch: str, model_cfg: ModelConfig,
               train_rows: np.ndarray, val_rows: np.ndarray, predict_rows: dict[str, np.ndarray] | None = None, *,
-              cfg: MTLConfig | None = None, device: str = "cpu", k: int = RANK_K, progress: bool = False
-              ) -> MTLResult:
+              cfg: MTLConfig | None = None, device: str = "cpu", k: int = RANK_K, progress: bool = False,
+              predict_exclude: dict[str, tuple[np.ndarray, np.ndarray] | None] | None = None) -> MTLResult:
     """Train one multi-task baseline on all ``tasks`` jointly and predict with the chosen epoch's weights.
 
     tasks: name -> TaskData (engine/downstream/tasks.py load_task), labels of any subset of users.
     train_rows / val_rows: dataset rows (not TaskData positions) of the training and validation users; a
     user's labels of every task go where the user goes.  Users of train_rows without any label are skipped.
     predict_rows: name -> dataset rows to predict task ``name`` for (e.g. ``td.rows[split.test]``).
+    predict_exclude: name -> CSR aligned with predict_rows[name] of items never ranked (TaskData.seen_csr()).
     Returns per-task outputs in finetune.predict's format, aligned with predict_rows[name].
     """
     cfg = cfg or MTLConfig()
@@ -414,7 +418,8 @@ def train_mtl(data: TokenizedData, tasks: dict[str, TaskData], arch: str, model_
     if epochs.best_state is not None:
         model.load_state_dict(epochs.best_state)
     chosen = epochs.history[epochs.best_epoch] if epochs.best_epoch >= 0 else {}
-    outputs = {name: predict_task(model, name, collator, rows, epochs.eval_bs, dev, k=k)[0]
+    outputs = {name: predict_task(model, name, collator, rows, epochs.eval_bs, dev, k=k,
+                                  exclude=(predict_exclude or {}).get(name))[0]
                for name, rows in (predict_rows or {}).items()}
     val_metrics = {name: {m[len(name) + 5:]: v for m, v in chosen.items() if m.startswith(f"val.{name}.")}
                    for name in tasks}

@@ -54,6 +54,10 @@ class TaskData:
     unknown_users: int = 0  # labelled users not in the tokenized data (reported, not used)
     split: np.ndarray | None = None  # object [n] "train"/"val"/"test" when the table provides one
     source: str = ""  # the label file, for messages
+    # next, with exclude_seen: CSR of the item ids each user already has in the data (never ranked, since a
+    # user rates a movie once: the relevant set holds only unseen items, and so must the ranked list)
+    seen_offsets: np.ndarray | None = None  # int64 [n + 1]
+    seen_ids: np.ndarray | None = None  # int64 [nnz]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -70,7 +74,15 @@ class TaskData:
             lens = np.diff(self.label_offsets)[idx]
             out.label_offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
             out.label_ids = self.label_ids[_ranges(self.label_offsets[idx], lens)].astype(np.int32)
+        if self.seen_offsets is not None:
+            lens = np.diff(self.seen_offsets)[idx]
+            out.seen_offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+            out.seen_ids = self.seen_ids[_ranges(self.seen_offsets[idx], lens)]
         return out
+
+    def seen_csr(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(offsets [n + 1], item ids) never to rank for each user, or None (exclude_seen off)."""
+        return None if self.seen_offsets is None else (self.seen_offsets, self.seen_ids)
 
     def label_csr(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(int32 offsets [len(index) + 1], int32 ids) of the relevant sets of users ``index`` (next)."""
@@ -88,6 +100,41 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     ends = np.cumsum(lengths)
     return np.arange(total, dtype=np.int64) - np.repeat(ends - lengths, lengths) + np.repeat(
         np.asarray(starts, dtype=np.int64), lengths)
+
+
+def seen_items(data: TokenizedData, rows: np.ndarray, attribute: str) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 offsets [len(rows) + 1], int64 ids): the distinct ids of ``attribute`` (``segment.name``) among
+    each user's actions, in the id space of next-item scores."""
+    seg_name, _, attr = attribute.partition(".")
+    seg = data.segment(seg_name)
+    k = seg.attributes.index(attr)
+    rows = np.asarray(rows, dtype=np.int64)
+    lens = seg.user_action_offsets[rows + 1] - seg.user_action_offsets[rows]
+    ids = seg.attr_ids[_ranges(seg.user_action_offsets[rows], lens), k].astype(np.int64)
+    who = np.repeat(np.arange(len(rows), dtype=np.int64), lens)
+    pairs = np.unique(who * (int(ids.max(initial=0)) + 1) + ids)  # sorted distinct (user, id)
+    who, ids = np.divmod(pairs, int(ids.max(initial=0)) + 1)
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(who, minlength=len(rows)))]).astype(np.int64)
+    return offsets, ids
+
+
+def mask_items(scores, seen: tuple[np.ndarray, np.ndarray] | None, start: int = 0):
+    """Set ``scores[i, item] = -inf`` for the seen items of users ``start + i`` (numpy or torch, in place)."""
+    if seen is None:
+        return scores
+    offsets, ids = seen
+    n = scores.shape[0]
+    lo, hi = int(offsets[start]), int(offsets[start + n])
+    if hi > lo:
+        who = np.repeat(np.arange(n), np.diff(offsets[start:start + n + 1]))
+        item = ids[lo:hi]
+        if isinstance(scores, np.ndarray):
+            scores[who, item] = -np.inf
+        else:
+            import torch
+
+            scores[torch.from_numpy(who).to(scores.device), torch.from_numpy(item).to(scores.device)] = float("-inf")
+    return scores
 
 
 def _rows_text(table: pa.Table, rows: np.ndarray, limit: int = 5) -> str:
@@ -169,11 +216,13 @@ def user_rows(data: TokenizedData, ids: pa.Array | pa.ChunkedArray, where: str) 
 
 
 def load_task(labels_path: str | Path, data: TokenizedData, task: Task, next_attribute: str = "long.genre", *,
-              strict_users: bool = False) -> TaskData:
+              strict_users: bool = False, exclude_seen: bool = False) -> TaskData:
     """Read a label table, check it, and align it with the tokenized users.
 
     Labelled users that the tokenized data lacks are left out with a warning that shows some of
     them (an error with ``strict_users``, or when no labelled user is known at all).
+    ``exclude_seen`` (next): items the user already has in ``next_attribute`` are never ranked, by any
+    model or baseline (MovieLens' next movie: a movie is rated once, so only unseen ones can come next).
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r} (expected binary, multiclass or next)")
@@ -220,7 +269,10 @@ def load_task(labels_path: str | Path, data: TokenizedData, task: Task, next_att
         y = np.array([index[v] for v in values], dtype=np.int64)
         return TaskData(task, rows, y=y, n_outputs=len(classes), classes=classes, unknown_users=unknown,
                         split=split, source=where)
-    return _next_task(table, labels, rows, data, next_attribute, where, unknown, split)
+    td = _next_task(table, labels, rows, data, next_attribute, where, unknown, split)
+    if exclude_seen:
+        td.seen_offsets, td.seen_ids = seen_items(data, td.rows, next_attribute)
+    return td
 
 
 def _next_task(table: pa.Table, labels: pa.Array, rows: np.ndarray, data: TokenizedData, next_attribute: str,
