@@ -230,7 +230,8 @@ def register(add) -> None:
     sp.add_argument("--out", type=Path, required=True, help="output Parquet file")
     sp.add_argument("--batch-size", type=int, default=512)
     sp.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
-    sp.add_argument("--pooling", choices=["cls", "mean"],
-                    help="cls: the first token's final state (the paper); mean: the mean over the user's tokens. "
+    sp.add_argument("--pooling", choices=["cls", "mean", "attention"],
+                    help="cls: the first token's final state (the paper); mean: the mean over the user's tokens; "
+                         "attention: a fine-tuned model's learned attention pooling (fine-tuned dirs only). "
                          "Default: a fine-tuned model's own pooling, else mean (pretraining trains the word states, "
                          "not the first token's)")

@@ -152,8 +152,19 @@ class FinetuneConfig:
     # untrained when fine-tuning starts, while its word states are what pretraining shaped.  Measured on
     # the demo data, 3 splits each (docs/results/README.md): pretrained is_parent AUC 0.641 (cls) ->
     # 0.704 (mean), next-genre mAP@10 0.195 -> 0.216; from scratch cls is as good or better (is_parent
-    # 0.693 vs 0.688, next-genre 0.128 vs 0.110).
-    pooling: Literal["auto", "cls", "mean"] = "auto"
+    # 0.693 vs 0.688, next-genre 0.128 vs 0.110).  "attention": a learned softmax weighting of the real
+    # tokens' final states (a vector q . h_t, trained at the head's rate), starting as "mean" (q = 0): lets
+    # the task pick the tokens that matter instead of averaging them all.
+    pooling: Literal["auto", "cls", "mean", "attention"] = "auto"
+    # Pool the mean of the last k layers' states (each through the final LayerNorm) instead of the last one's:
+    # the top layer of a pretrained encoder is the most specialised to the pretext task, the ones below it
+    # may carry more general features.  1..model layers; 1: the final state.
+    pool_layers: int = 1
+    # Binary and multiclass: add a linear map of the user's bag of attribute counts, log(1 + count), to the
+    # head's logits (zero at start, trained at the head's rate).  Why: counts are what logistic regression
+    # reads, and a small encoder fine-tuned on few users may not recover them; the wide part gives the
+    # model that baseline's features for free.  Not for next (its scores go through the fused CE on h).
+    wide: bool = False
     # next-item tasks rank over an attribute's vocabulary, whose pretext head is already trained to
     # score it: start the task head from that head (pretrained models only).
     init_head_from_pretext: bool = True
@@ -167,6 +178,8 @@ class FinetuneConfig:
         if not 0.0 <= self.test_fraction < 1.0 or self.val_fraction + self.test_fraction >= 1.0:
             raise ConfigError(f"test_fraction: must be in [0, 1) and leave training users beside val_fraction, "
                               f"got test {self.test_fraction}, val {self.val_fraction}")
+        if self.pool_layers < 1:
+            raise ConfigError(f"pool_layers: must be >= 1 (and at most the encoder's layers), got {self.pool_layers}")
         if self.probe_epochs < 0 or self.patience < 1:
             raise ConfigError("probe_epochs must be >= 0 and patience >= 1")
         if not 0.0 < self.layer_lr_decay <= 1.0:

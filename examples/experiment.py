@@ -302,7 +302,7 @@ def run_task(spec: TaskSpec, ctx: Context, models: list[str], mtl: dict[str, dic
                               compare=[(ours, b) for b in models if b != ours])
     log.info("%s: bootstrap intervals of %d models in %.1f s", spec.name, len(models), time.perf_counter() - t)
     return {"spec": spec, "td": td, "report": report, "histories": histories, "fold_metrics": fold_metrics,
-            "sizes": {"labelled": len(td), "folds": len(splits), **splits[0].sizes()}}
+            "sizes": {"labelled": len(td), "folds": len(splits), **splits[0].sizes()}, "oof": oof, "fold_of": fold_of}
 
 
 def _check_aligned(td, other, name: str) -> None:

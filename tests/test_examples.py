@@ -279,3 +279,35 @@ def test_experiment_prepares_movielens_tasks_from_the_recbole_layout(tmp_path):
     action = exp.tokenize_words(tmp_path / "w" / "raw", tmp_path / "w", "action")
     seg = open_tokenized(action).segment("ratings")
     assert (np.diff(seg.word_offsets()) == 1).all()  # no discretisation: every word is one action
+
+
+def test_search_chooses_each_folds_variant_on_validation_only():
+    """The nested choice: per fold, the best validation metric wins, and only that fold's test rows are taken."""
+    search = _module(EXAMPLES / "search.py")
+    fold_of = np.array([0, 0, 1, 1, 1])
+    hist = lambda *vals: [{"val.auc": v} for v in vals]
+    runs = {"reference": {"fold_of": fold_of, "oof": {"m": np.full((5, 1), 1.0)},
+                          "histories": {"m": [hist(0.6, 0.7), hist(0.9)]}},
+            "other": {"fold_of": fold_of, "oof": {"m": np.full((5, 1), 2.0)},
+                      "histories": {"m": [hist(0.8), hist(0.5, 0.9)]}}}  # fold 1: a tie goes to the reference
+    oof, chosen = search.nested_choice(runs, "m", "auc", 2)
+    assert chosen == ["other", "reference"] and oof[:, 0].tolist() == [2, 2, 1, 1, 1]
+    assert not search.applies(search.VARIANTS["wide"], "next") and search.applies(search.VARIANTS["wide"], "binary")
+
+
+def test_search_end_to_end_on_tiny_synthetic_data(tmp_path):
+    search = _module(EXAMPLES / "search.py")
+    tiny = ["model.hidden=16", "model.layers=1", "model.heads=2", "train.steps=4", "train.warmup_steps=1",
+            "train.log_every=1", "finetune.epochs=2", "finetune.patience=2", "finetune.batch_size=32"]
+    assert search.main(["--dataset", "synthetic", "--users", "200", "--folds", "2", "--tasks", "is_parent",
+                        "--variants", "reference,cls,bag", "--out", str(tmp_path / "out"), "--work",
+                        str(tmp_path / "work"), "--set", *tiny]) == 0
+    doc = json.loads((tmp_path / "out" / "search_synthetic.json").read_text())
+    t = doc["tasks"]["is_parent"]
+    assert set(t["validation"]) == {"reference", "cls", "bag"} and len(t["chosen"]) == 2
+    assert set(t["chosen"]) <= {"reference", "cls", "bag"}
+    assert "scratch" not in t["validation"]["bag"]  # a pretraining-only switch shares the reference's scratch run
+    assert {"tuned", "scratch_tuned", "reference", "logreg"} <= set(t["report"]["metrics"])
+    assert "tuned - scratch_tuned" in t["report"]["differences"]
+    assert (tmp_path / "work" / "search" / "pretrain_bag" / "model").is_dir()
+    assert not (tmp_path / "work" / "search" / "pretrain_cls").exists()  # a fine-tuning switch reuses pretraining

@@ -14,7 +14,9 @@ from the label table's ``split`` column or a split file.  Metrics on val and tes
 Modes: end to end (default); ``freeze_encoder`` (feature-based: only the head trains);
 ``probe_epochs`` (linear probe, then fine-tune: the head first learns on frozen features, so the
 encoder is not pushed around by a random head's gradients); ``layer_lr_decay`` (lower layers
-learn slower).
+learn slower).  What the head reads (:class:`TaskModel`): ``pooling`` (cls, mean, or a learned
+attention pooling), ``pool_layers`` (the mean of the last k layers' states), and with ``wide`` a
+linear map of the user's attribute counts added to the logits (binary and multiclass).
 
 Training: the loop of pretraining (engine/train/loop.py) with a different step module
 (:class:`FinetuneStep`), data (:class:`_Epochs`: epochs over the training users) and what happens
@@ -57,6 +59,7 @@ from engine.downstream.tasks import (
     make_split,
     mask_items,
 )
+from engine.downstream.wide import WideCounts
 from engine.model.export import load_model_description, load_weights, save_model
 from engine.model.userbert import UserBERT, user_attr_offsets
 from engine.train.backends import DeepSpeedBackend, TorchBackend
@@ -88,38 +91,95 @@ def batch_target(td: TaskData, index: np.ndarray, device: torch.device) -> Targe
     return Target(y=torch.from_numpy(td.y[index]).to(device))
 
 
+class AttentionPool(nn.Module):
+    """Learned attention pooling ``[B, T, H]`` -> ``[B, H]``: softmax over the user's real tokens of ``q . h_t``,
+    then the weighted sum of their states.
+
+    ``q`` starts at zero, so the pooling starts as the mean over real tokens (pooling "mean") and learns which
+    tokens to weigh from there.  No bias: a score offset common to every token cancels in the softmax.
+    """
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.zeros(hidden))
+
+    def forward(self, hidden: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        """hidden ``[B, T, H]``; padding_mask bool ``[B, T]`` (True: real token; CLS is always one) -> ``[B, H]``."""
+        scores = (hidden @ self.query.to(hidden.dtype)).float()  # [B, T]; softmax in fp32
+        scores = scores.masked_fill(~padding_mask, float("-inf"))
+        weights = torch.softmax(scores, dim=1).to(hidden.dtype)  # [B, T], 0 on padding
+        return torch.einsum("bt,bth->bh", weights, hidden)
+
+
 class TaskModel(nn.Module):
-    """UserBERT encoder + a linear head on the user embedding (the first token's hidden state).
+    """UserBERT encoder + a linear head on the user embedding (the first token's hidden state by default).
 
     ``forward(batch)`` returns scores ``[B, n_outputs]``; ``forward(batch, target)`` the mean loss, so a
     wrapping engine (DeepSpeed) sees the whole computation inside ``forward``.
+
+    Options (FinetuneConfig): ``pooling`` "cls", "mean" or "attention" (a learned :class:`AttentionPool`);
+    ``pool_layers`` = k pools the mean of the last k layers' states (:meth:`UserBERT.encode`); ``wide``
+    adds a linear map of the user's bag of attribute counts to the logits (engine/downstream/wide.py),
+    binary and multiclass only.  The pooling and wide parameters are the task model's, beside the head.
     """
 
-    def __init__(self, encoder: UserBERT, task: Task, n_outputs: int, pooling: str = "cls"):
+    def __init__(self, encoder: UserBERT, task: Task, n_outputs: int, pooling: str = "cls", pool_layers: int = 1,
+                 wide: bool = False):
         super().__init__()
+        if pooling not in ("cls", "mean", "attention"):
+            raise ConfigError(f"finetune.pooling: expected cls, mean or attention, got {pooling!r}")
+        n_layers = encoder.cfg.layers
+        if not 1 <= pool_layers <= n_layers:
+            raise ConfigError(f"finetune.pool_layers: must be in 1..{n_layers} (the encoder's layers), "
+                              f"got {pool_layers}")
+        if wide and task == "next":
+            raise ConfigError("finetune.wide: only binary and multiclass tasks take a wide count input; next-item "
+                              "scores go through the fused multi-label CE kernel over the user state only")
         self.encoder = encoder
         self.task = task
         self.pooling = pooling
+        self.pool_layers = pool_layers
         hidden = encoder.cfg.hidden
         self.head = nn.Linear(hidden, n_outputs)
         nn.init.normal_(self.head.weight, std=encoder.cfg.init_std)
         nn.init.zeros_(self.head.bias)
+        # Built after the head, so that the head's init (the random draws) is the same with or without them.
+        self.pool = AttentionPool(hidden) if pooling == "attention" else None
+        self.wide = WideCounts(encoder.spec, n_outputs, bias=False) if wide else None  # the head has the bias
+
+    def head_modules(self) -> list[nn.Module]:
+        """What learns at the head's rate: the head, and the attention pooling and wide weights when present."""
+        return [m for m in (self.head, self.pool, self.wide) if m is not None]
 
     def embed(self, batch: Batch) -> torch.Tensor:
-        return self.encoder.user_embedding(batch, self.pooling)  # [B, H]
+        if self.pool is None:
+            return self.encoder.user_embedding(batch, self.pooling, self.pool_layers)  # [B, H]
+        return self.pool(self.encoder.encode(batch, self.pool_layers), batch.padding_mask())  # [B, H]
+
+    def scores(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Logits ``[B, n_outputs]`` of user embeddings ``h`` [B, H] (and, with ``wide``, of ``batch``'s counts)."""
+        logits = self.head(h)
+        return logits if self.wide is None else logits + self.wide(batch).to(logits.dtype)
 
     def forward(self, batch: Batch, target: Target | None = None) -> torch.Tensor:
         h = self.embed(batch)
-        return self.head(h) if target is None else self.loss(h, target)  # [B, n_outputs] or a scalar
+        if target is None:
+            return self.scores(h, batch)  # [B, n_outputs]
+        return self.loss(h, target, None if self.task == "next" else self.scores(h, batch))  # a scalar
 
-    def loss(self, h: torch.Tensor, target: Target) -> torch.Tensor:
-        """Mean loss of user embeddings ``h`` [B, H] against ``target``."""
+    def loss(self, h: torch.Tensor, target: Target, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean loss of user embeddings ``h`` [B, H] against ``target``; binary and multiclass read ``logits``
+        (:meth:`scores`) when given, which a model with ``wide`` needs (they depend on the batch, not only h)."""
         if self.task == "next":
             # The fused multi-label CE never materialises [B, V] logits in full (large vocabularies).
             per_row = multi_label_softmax_ce(h, self.head.weight, self.head.bias, target.label_offsets,
                                              target.label_ids, normalize=True, impl=self.encoder.cfg.kernel_impl)
             return per_row.mean()
-        logits = self.head(h).float()
+        if logits is None:
+            if self.wide is not None:
+                raise ValueError("TaskModel.loss: a model with a wide input needs its logits (TaskModel.scores)")
+            logits = self.head(h)
+        logits = logits.float()
         if self.task == "binary":
             return F.binary_cross_entropy_with_logits(logits[:, 0], target.y.float())
         return F.cross_entropy(logits, target.y)
@@ -162,26 +222,28 @@ def load_task_model(ft_dir: str | Path, spec: VocabSpec) -> tuple[TaskModel, dic
         raise ValueError(f"{model_dir}: not a fine-tuned model (model.json has no task head); "
                          "pass the --out directory of `userbert-engine finetune`")
     encoder = build_encoder(model_dir, None, spec)
-    model = TaskModel(encoder, meta["task"], int(meta["n_outputs"]), meta.get("pooling", "cls"))
-    state = load_weights(model_dir)
-    model.head.load_state_dict({"weight": state["head.weight"], "bias": state["head.bias"]})
+    model = TaskModel(encoder, meta["task"], int(meta["n_outputs"]), meta.get("pooling", "cls"),
+                      int(meta.get("pool_layers", 1)), bool(meta.get("wide", False)))
+    # The whole task model (strict): the head, and the attention pooling and wide weights when it has them.
+    model.load_state_dict(load_weights(model_dir))
     return model, meta
 
 
 # -- optimisation -----------------------------------------------------------------------------------------
 def param_groups(model: TaskModel, ft: FinetuneConfig) -> list[dict[str, Any]]:
-    """AdamW parameter groups: the head at ``lr * head_lr_mult``; encoder layer i of L at
-    ``lr * layer_lr_decay ** (L - 1 - i)`` (the embeddings one step below layer 0); weight decay by
-    :func:`engine.train.optim.weight_decay_mask`, the rule pretraining uses.  The pretext heads are left out
-    (unused)."""
+    """AdamW parameter groups: the head (with the attention pooling and wide weights, as fresh as the head)
+    at ``lr * head_lr_mult``; encoder layer i of L at ``lr * layer_lr_decay ** (L - 1 - i)`` (the embeddings
+    one step below layer 0); weight decay by :func:`engine.train.optim.weight_decay_mask`, the rule
+    pretraining uses.  The pretext heads are left out (unused)."""
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     decays = weight_decay_mask(model)
 
     def add(p: nn.Parameter, name: str, lr: float) -> None:
         groups.setdefault((lr, not decays[id(p)]), []).append(p)
 
-    for name, p in model.head.named_parameters():
-        add(p, "head." + name, ft.lr * ft.head_lr_mult)
+    for module in model.head_modules():
+        for name, p in module.named_parameters():
+            add(p, name, ft.lr * ft.head_lr_mult)
     if not ft.freeze_encoder:
         enc = model.encoder
         n_layers = len(enc.encoder.blocks)
@@ -250,10 +312,11 @@ def predict(model: TaskModel, collator: Collator, rows: np.ndarray, batch_size: 
     for b in eval_batches(collator, rows, batch_size):
         b = to_device(b, device)
         h = model.embed(b)
-        scores = model.head(h).float()
+        logits = model.scores(h, b)
         if td is not None:
             idx = np.arange(start, start + b.batch_size)
-            total += float(model.loss(h, batch_target(td, idx, device))) * len(idx)
+            total += float(model.loss(h, batch_target(td, idx, device), logits)) * len(idx)
+        scores = logits.float()
         start += b.batch_size
         if model.task == "next":
             scores[:, :FIRST_ID] = -math.inf
@@ -350,7 +413,7 @@ def finetune(data: TokenizedData, td: TaskData, ft: FinetuneConfig, encoder: Use
     torch.manual_seed(ft.seed)
     collator = Collator(data, user_attr_offsets(encoder.spec), CollateConfig(select_prob=0.0))
     pooling = resolve_pooling(ft.pooling, pretrained)
-    model = TaskModel(encoder, td.task, td.n_outputs, pooling).to(dev)
+    model = TaskModel(encoder, td.task, td.n_outputs, pooling, ft.pool_layers, ft.wide).to(dev)
     if td.task == "next" and ft.init_head_from_pretext and pretrained:
         _init_head_from_pretext(model, ft.next_attribute, td.n_outputs)
     if ft.dropout is not None:
@@ -505,6 +568,7 @@ def save_finetuned(out_dir: str | Path, result: FinetuneResult, model: TaskModel
     names = ["train"] * len(train) + ["val"] * len(split.val) + ["test"] * len(split.test)
     table = pa.table({"user_id": data.user_ids.take(pa.array(td.rows[idx])), "split": pa.array(names, pa.string())})
     atomic_write(out_dir / "split.parquet", lambda f: pq.write_table(table, f))
-    meta = {"task": td.task, "n_outputs": td.n_outputs, "pooling": model.pooling, "next_attribute": ft.next_attribute,
+    meta = {"task": td.task, "n_outputs": td.n_outputs, "pooling": model.pooling, "pool_layers": model.pool_layers,
+            "wide": model.wide is not None, "next_attribute": ft.next_attribute,
             "classes": [str(c) for c in td.classes], "labels": td.source, "init": result.init}
     save_model(out_dir / "model", model, model.encoder.cfg, model.encoder.spec, meta=meta)

@@ -69,6 +69,7 @@ from engine.data.loader import to_device
 from engine.downstream.finetune import Target, batch_target, predict
 from engine.downstream.metrics import RANK_K, task_metrics
 from engine.downstream.tasks import PRIMARY_METRIC, TaskData
+from engine.downstream.wide import WideCounts, action_users
 from engine.model.userbert import UserBERT, user_attr_offsets
 from engine.train.backends import TorchBackend
 from engine.train.distributed import DistContext, resolve_device
@@ -99,36 +100,14 @@ class MTLConfig:
 
 
 # -- the trunks: forward(batch) -> h [B, H] -----------------------------------------------------------------
-def action_users(batch: Batch, s: int) -> torch.Tensor:
-    """int64 [n_actions]: the batch row b of every action of segment ``s``.
-
-    A word's grid slot is ``b * max_len + t``, so its user is ``slot // max_len``; an action belongs to
-    the word whose CSR range ``word_offsets[w]:word_offsets[w+1]`` holds it.
-    """
-    sb = batch.segments[s]
-    word_user = sb.word_slot // batch.max_len  # [n_words]
-    word_len = (sb.word_offsets[1:] - sb.word_offsets[:-1]).long()  # [n_words]
-    return torch.repeat_interleave(word_user, word_len, output_size=sb.attr_ids.shape[0])  # [n_actions]
-
-
 class WideDeep(nn.Module):
     """Wide: linear in log(1 + count) of every attribute value; deep: MLP over mean-pooled embeddings."""
 
     def __init__(self, cfg: ModelConfig, spec: VocabSpec, deep_user_dim: int = 16):
         super().__init__()
         H = cfg.hidden
-        # Wide columns: each segment's attributes' vocabularies back to back, then the stacked user table.
-        # A segment's genre and another's are different columns: the same id means a different thing.
-        starts, col = [], 0
-        for seg in spec.segments:
-            starts.append([col + sum(seg.vocab_sizes[:k]) for k in range(len(seg.vocab_sizes))])
-            col += sum(seg.vocab_sizes)
-        self.col_start = starts  # [segment][attribute] first column
-        self.user_col = col  # user-attribute ids (collate already offsets them into the stacked table)
-        self.n_wide = col + sum(spec.user_vocab_sizes)
-        # The wide weights as an embedding table: x @ W without a dense [B, n_wide] (vocabularies can be large).
-        self.wide = nn.Embedding(self.n_wide, H)
-        self.wide_bias = nn.Parameter(torch.zeros(H))
+        # Wide: the bag of counts and its linear map (engine/downstream/wide.py), H wide like the deep part.
+        self.wide = WideCounts(spec, H)
         # Deep: an embedding table per (segment, attribute), as wide as UserBERT's; row 0 is padding.
         self.attr = nn.ModuleList([nn.ModuleList([nn.Embedding(v, d, padding_idx=0)
                                                   for v, d in zip(seg.vocab_sizes, seg.dims)])
@@ -144,36 +123,19 @@ class WideDeep(nn.Module):
                 if m.padding_idx is not None:
                     with torch.no_grad():
                         m.weight[m.padding_idx].zero_()
-        nn.init.zeros_(self.wide.weight)  # a linear model starts at zero
+        nn.init.zeros_(self.wide.table.weight)  # a linear model starts at zero (the loop above re-drew it)
+
+    @property
+    def n_wide(self) -> int:
+        return self.wide.n_wide
 
     def wide_input(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The bag of counts as COO: (row int64 [nnz], column int64 [nnz], count float32 [nnz]), one entry per
-        (user, column) present: the number of the user's actions with that attribute value (padding id 0
-        left out), and 1 for each user attribute."""
-        B, dev = batch.batch_size, self.wide_bias.device
-        rows, cols = [], []
-        for s, sb in enumerate(batch.segments):
-            who = action_users(batch, s)  # [A]
-            for k, start in enumerate(self.col_start[s]):
-                ids = sb.attr_ids[:, k].long()  # [A]
-                real = ids > 0
-                rows.append(who[real])
-                cols.append(start + ids[real])
-        if batch.user_attr_ids.shape[1]:
-            U = batch.user_attr_ids.shape[1]
-            rows.append(torch.arange(B, device=dev).repeat_interleave(U))
-            cols.append(self.user_col + batch.user_attr_ids.reshape(-1).long())
-        r = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long, device=dev)
-        c = torch.cat(cols) if cols else torch.zeros(0, dtype=torch.long, device=dev)
-        keys, counts = torch.unique(r * self.n_wide + c, return_counts=True)  # one entry per (user, column)
-        return keys // self.n_wide, keys % self.n_wide, counts.float()
+        """The bag of counts as COO (:meth:`engine.downstream.wide.WideCounts.wide_input`)."""
+        return self.wide.wide_input(batch)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         B = batch.batch_size
-        r, c, n = self.wide_input(batch)
-        # Wide: sum over the user's columns of log(1 + count) * W[column] (log: a heavy user's 500 purchases
-        # of one genre should not swamp everything else; the logistic-regression baseline does the same).
-        wide = self.wide_bias.expand(B, -1).index_add(0, r, self.wide(c) * torch.log1p(n)[:, None])  # [B, H]
+        wide = self.wide(batch)  # [B, H]: sum over the user's columns of log(1 + count) * W[column], + bias
         parts = []
         for s, sb in enumerate(batch.segments):
             who = action_users(batch, s)  # [A]
@@ -336,7 +298,7 @@ class MTLStep(nn.Module):
 
 class _TaskView(nn.Module):
     """One task of an MTLModel as :func:`engine.downstream.finetune.predict` expects a task model
-    (``embed``, ``head``, ``task``, ``loss``): predictions then have exactly the evaluation's format."""
+    (``embed``, ``head``, ``scores``, ``task``, ``loss``): predictions then have exactly the evaluation's format."""
 
     def __init__(self, model: MTLModel, name: str):
         super().__init__()
@@ -347,7 +309,10 @@ class _TaskView(nn.Module):
     def embed(self, batch: Batch) -> torch.Tensor:
         return self.model(batch)
 
-    def loss(self, h: torch.Tensor, target: Target) -> torch.Tensor:
+    def scores(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return self.head(h)
+
+    def loss(self, h: torch.Tensor, target: Target, logits: torch.Tensor | None = None) -> torch.Tensor:
         return self.model.task_loss(self.name, h, target)
 
 

@@ -49,18 +49,23 @@ class UserBERT(nn.Module):
         elif isinstance(module, Embeddings):
             nn.init.normal_(module.cls, std=std)
 
-    def encode(self, batch: Batch) -> torch.Tensor:
-        """Final hidden states ``[B, T, H]`` (padding rows hold values that mean nothing)."""
-        return self.encoder(self.embeddings(batch), batch.padding_mask())
+    def encode(self, batch: Batch, layers: int = 1) -> torch.Tensor:
+        """Final hidden states ``[B, T, H]`` (padding rows hold values that mean nothing).
 
-    def user_embedding(self, batch: Batch, pooling: str = "cls") -> torch.Tensor:
+        ``layers`` = k > 1: the mean of the last k layers' states, each through the final LayerNorm
+        (engine/model/encoder.py), the "last-k layers" representation; k must be 1..cfg.layers.
+        """
+        return self.encoder(self.embeddings(batch), batch.padding_mask(), layers)
+
+    def user_embedding(self, batch: Batch, pooling: str = "cls", layers: int = 1) -> torch.Tensor:
         """The user representation ``[B, H]`` that fine-tuning and `embed` use.
 
         "cls": the first token's hidden state, as in the paper.  "mean": the mean of the final hidden
         states of all of the user's real tokens; those of words are trained by the pretext task to
         describe their word, so their mean summarises the whole history without any fine-tuning.
+        ``layers``: pool the mean of the last k layers' states instead of the last one's (:meth:`encode`).
         """
-        return pool(self.encode(batch), batch, pooling)
+        return pool(self.encode(batch, layers), batch, pooling)
 
     def pretrain_head(self, segment: str, attribute: str) -> nn.Linear:
         """The pretext head of one attribute (fine-tuning over the same vocabulary may start from it)."""
