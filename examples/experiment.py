@@ -324,6 +324,9 @@ def _check_cache(path: Path, settings: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
         old = json.loads(path.read_text())
+        for k, v in settings.items():  # an option added since (absent there) was at its default, which is the old code
+            if hasattr(v, "__dataclass_fields__") and isinstance(old.get(k), dict):
+                old[k] = {**json.loads(json.dumps(to_dict(type(v)()), default=str)), **old[k]}
         if old != doc:
             diff = sorted(k for k in set(old) | set(doc) if old.get(k) != doc.get(k))
             raise SystemExit(f"{path.parent}: cached fold results were made with other settings ({', '.join(diff)} "

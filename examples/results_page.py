@@ -178,11 +178,13 @@ def render(docs: dict[str, dict], probes: dict[str, dict] | None = None) -> str:
     if probes:
         out += ["", "Frozen embeddings against counting (examples/probe.py: a linear probe per attribute task, a kNN "
                 "vote per next-item task, L2 and k chosen on validation users; `counts` is the same probe on the "
-                "count vector, i.e. logistic regression on counts; the per-dataset pages "
+                "count vector: logistic regression on counts for attribute tasks, kNN over counts for next-item "
+                "tasks; the per-dataset pages "
                 + ", ".join(f"[probe_{ds}.md](probe_{ds}.md)" for ds in probes)
                 + " have the intervals of the differences and the curves against steps and users):", ""]
         out += probe_table(probes)
-    out += ["", "Reproduce (cached under each `--work`; the machine is named per dataset):", ""]
+    out += ["", "Reproduce (the commands as run; results are cached under each `--work`, and `--out docs/results` "
+            "writes them here; the machine is named per dataset):", ""]
     for ds, doc in docs.items():
         out.append(f"- {DATASET_NAMES.get(ds, ds)}: `{doc['meta']['command']}` ({doc['meta']['machine']}, "
                    f"pretraining {doc['meta']['pretrain_seconds']:.0f} s)")
