@@ -38,10 +38,21 @@ class ModelConfig:
     # The masked-word task never asks the pooled state to summarise the user; this does.  A model
     # setting because it adds heads (H x V per attribute) that the exported model carries.
     user_bag_weight: float = 0.0
+    # A contrastive user-level objective (an option; 0 = the paper), CL4SRec-style: a second pass over a
+    # random crop of the user's tokens (each kept with probability contrastive_keep, CLS always), and an
+    # InfoNCE loss that pulls the two mean-pooled states of a user together and pushes other users' away.
+    # It asks the exported embedding to identify the user from part of the history; no parameters.
+    contrastive_weight: float = 0.0
+    contrastive_keep: float = 0.6
+    contrastive_temperature: float = 0.1
 
     def __post_init__(self) -> None:
         if self.user_bag_weight < 0:
             raise ConfigError(f"user_bag_weight: must be >= 0, got {self.user_bag_weight}")
+        if self.contrastive_weight < 0 or not 0.0 < self.contrastive_keep < 1.0 or self.contrastive_temperature <= 0:
+            raise ConfigError("contrastive_weight must be >= 0, contrastive_keep in (0, 1) and "
+                              f"contrastive_temperature > 0, got {self.contrastive_weight}, {self.contrastive_keep}, "
+                              f"{self.contrastive_temperature}")
         for key in ("hidden", "layers", "heads", "ffn_mult"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")

@@ -504,7 +504,10 @@ def pretrain_once(cfg: RunConfig, tok: Path, run_dir: Path) -> dict:
     if meta_path.exists():
         saved = json.loads((run_dir / "config.json").read_text())
         for part in ("model", "masking", "train"):
-            if saved[part] != json.loads(json.dumps(to_dict(getattr(cfg, part)), default=str)):
+            now = getattr(cfg, part)
+            # an option added since the run (absent from its config.json) was at its default: the old code's
+            saved[part] = {**json.loads(json.dumps(to_dict(type(now)()), default=str)), **saved[part]}
+            if saved[part] != json.loads(json.dumps(to_dict(now), default=str)):
                 raise SystemExit(f"{run_dir}: pretrained with other [{part}] settings than this run's config; "
                                  "pass another --work, or delete that directory to pretrain again")
     else:

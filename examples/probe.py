@@ -40,7 +40,7 @@ from engine.config import RunConfig, load_config  # noqa: E402
 from engine.downstream.tasks import PRIMARY_METRIC  # noqa: E402
 
 log = logging.getLogger("userbert")
-VARIANTS = {"paper": {}, "bag": {"model.user_bag_weight": 1.0}}
+VARIANTS = {"paper": {}, "bag": {"model.user_bag_weight": 1.0}, "contrast": {"model.contrastive_weight": 1.0}}
 
 
 def pretrain_variant(cfg_path: Path, sets: dict, tok: Path, run: Path, steps: list[int], users: np.ndarray | None

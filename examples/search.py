@@ -55,10 +55,13 @@ VARIANTS: dict[str, dict] = {
     "wide": {"finetune.wide": True},
     # pretraining: a user-level objective, masking rate, length
     "bag": {"model.user_bag_weight": 1.0},
+    "contrast": {"model.contrastive_weight": 1.0},
     "mask30": {"masking.select_prob": 0.3},
     "steps250": {"train.steps": 250, "train.warmup_steps": 25},  # the probes peak early (docs/results/probe_*)
     "steps500": {"train.steps": 500, "train.warmup_steps": 50},
     "steps8k": {"train.steps": 8000},
+    # the two best single switches on MovieLens gender's validation users, together
+    "bag_wide": {"model.user_bag_weight": 1.0, "finetune.wide": True},
     # model size for small data
     "small": {"model.hidden": 32, "model.layers": 1, "model.heads": 2},
     "deep": {"model.layers": 4},
@@ -72,7 +75,8 @@ def _key(cfg: RunConfig, parts: tuple[str, ...]) -> str:
 
     doc = {p: to_dict(getattr(cfg, p)) for p in parts}
     if parts == SCRATCH_PARTS:
-        doc["model"].pop("user_bag_weight", None)  # a pretraining objective: nothing of it reaches a scratch run
+        for key in ("user_bag_weight", "contrastive_weight", "contrastive_keep", "contrastive_temperature"):
+            doc["model"].pop(key, None)  # pretraining objectives: nothing of them reaches a scratch run
     doc = json.dumps(doc, sort_keys=True, default=str)
     return hashlib.sha256(doc.encode()).hexdigest()[:10]
 
@@ -168,7 +172,8 @@ def write(results: dict[str, dict], dataset: str, out: Path, meta: dict) -> None
         metrics = {"next": ["map@10", "recall@10", "ndcg@10"], "binary": ["auc", "accuracy"],
                    "multiclass": ["accuracy", "macro_f1", "auc"]}[r["task"]]
         lines.append(r["report"].markdown(metrics, title=f"{name}: test, out of fold"))
-    lines.append(f"\nReproduce: `{meta['command']}` ({meta['machine']}; {meta['seconds']:.0f} s).\n")
+    lines.append(f"\nReproduce: `{meta['command']}` ({meta['machine']}; this invocation {meta['seconds']:.0f} s, "
+                 "results cached by earlier invocations in the same --work not counted again).\n")
     doc = {"dataset": dataset, "meta": meta,
            "tasks": {n: {**{k: v for k, v in r.items() if k != "report"}, "report": r["report"].to_dict()}
                      for n, r in results.items()}}

@@ -78,18 +78,47 @@ class UserBERT(nn.Module):
         words when ``masking.loss_reduction == "mean"`` (fp32 scalar, 0 when nothing is masked).
         stats: ``"loss/<segment>.<attribute>"``, each head's mean loss over its segment's masked
         words (float), and ``"masked_words"`` (float).  With ``model.user_bag_weight > 0`` the loss
-        adds that weight times the user-level bag loss (engine/model/heads.py, ``"loss/user_bag"``).
+        adds that weight times the user-level bag loss (engine/model/heads.py, ``"loss/user_bag"``); with
+        ``model.contrastive_weight > 0``, that weight times the contrastive loss (:func:`info_nce`,
+        ``"loss/contrastive"``).
         """
-        hidden = self.encode(batch)  # [B, T, H]
+        x = self.embeddings(batch)  # [B, T, H]
+        real = batch.padding_mask()  # [B, T]
+        hidden = self.encoder(x, real)  # [B, T, H]
         loss, stats = self.heads(hidden, batch, masking)
         if self.bag_heads is not None:
             bag, bag_stats = self.bag_heads(pool(hidden, batch, "mean"), batch)
             loss = loss + self.cfg.user_bag_weight * bag
             stats.update(bag_stats)
+        if self.cfg.contrastive_weight > 0:
+            # The second view: the same input with a random crop of the tokens (dropped ones masked as keys,
+            # left out of the mean); the first view is the masked-word pass itself.
+            keep = real & (torch.rand(real.shape, device=real.device) < self.cfg.contrastive_keep)
+            keep[:, 0] = True  # CLS: every query needs a key
+            cropped = self.encoder(x, keep)  # [B, T, H]
+            c = info_nce(masked_mean(hidden, real), masked_mean(cropped, keep), self.cfg.contrastive_temperature)
+            loss = loss + self.cfg.contrastive_weight * c
+            stats["loss/contrastive"] = float(c.detach())
         return loss, stats
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def masked_mean(hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``[B, T, H]`` states, bool ``[B, T]`` -> ``[B, H]``: the mean over the kept tokens."""
+    w = keep.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
+    return (hidden * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE between two views ``[B, H]`` of the same B users: user i's view a should be most
+    similar (cosine / temperature) to its own view b among all B, and the other way round."""
+    a = nn.functional.normalize(a.float(), dim=-1)
+    b = nn.functional.normalize(b.float(), dim=-1)
+    logits = a @ b.T / temperature  # [B, B]
+    target = torch.arange(a.shape[0], device=a.device)
+    return 0.5 * (nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.T, target))
 
 
 def pool(hidden: torch.Tensor, batch: Batch, pooling: str) -> torch.Tensor:
@@ -98,5 +127,4 @@ def pool(hidden: torch.Tensor, batch: Batch, pooling: str) -> torch.Tensor:
         return hidden[:, 0]
     if pooling != "mean":
         raise ValueError(f"pooling: expected 'cls' or 'mean', got {pooling!r}")
-    real = batch.padding_mask().unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
-    return (hidden * real).sum(dim=1) / real.sum(dim=1)
+    return masked_mean(hidden, batch.padding_mask())

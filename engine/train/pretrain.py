@@ -335,6 +335,8 @@ class Pretraining:
         heads = [f"loss/{s.name}.{a}" for s in self.spec.segments for a in s.attributes]
         if self.cfg.model.user_bag_weight > 0:
             heads.append("loss/user_bag")
+        if self.cfg.model.contrastive_weight > 0:
+            heads.append("loss/contrastive")
         if main:
             log.info("training steps %d..%d on %s (%s, %s), %d loader threads%s", self.start_step, tc.steps,
                      self.backend.name, self.precision, ctx.backend, workers, ", pinned" if pin else "")
