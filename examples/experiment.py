@@ -539,8 +539,9 @@ DESCRIPTIONS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def dataset_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every dataset script shares (experiment.py, probe.py, search.py: one --work for all)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--dataset", choices=DATASETS, required=True)
     p.add_argument("--source", type=Path, help="movielens: GroupLens' ml-100k directory or zip, or the RecBole wheel")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
@@ -550,9 +551,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--users", type=int, default=3000, help="synthetic users")
     p.add_argument("--tasks", help="comma-separated subset of the dataset's tasks")
-    p.add_argument("--models", default=",".join(ALL_MODELS), help=f"any of {', '.join(ALL_MODELS)}")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. finetune.lr=3e-4")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = dataset_parser(__doc__.split("\n")[0])
+    p.add_argument("--models", default=",".join(ALL_MODELS), help=f"any of {', '.join(ALL_MODELS)}")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     import platform

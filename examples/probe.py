@@ -23,7 +23,6 @@ missing.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -110,21 +109,12 @@ def probe_task(spec, data, cfg: RunConfig, emb: np.ndarray | None, feature_sets:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", choices=["completejourney", "synthetic", "movielens"], required=True)
-    p.add_argument("--source", type=Path, help="MovieLens-100K files (see examples/experiment.py)")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
-    p.add_argument("--work", type=Path, help="default: runs/experiment-<dataset> (shared with experiment.py)")
-    p.add_argument("--config", type=Path)
-    p.add_argument("--variants", default="paper,bag")
+    from experiment import dataset_parser
+
+    p = dataset_parser(__doc__.split("\n")[0])
+    p.add_argument("--variants", default="paper,bag", help=f"any of {', '.join(VARIANTS)}")
     p.add_argument("--steps", default="0,250,500,1000,2000", help="snapshots (0: the untrained encoder)")
     p.add_argument("--fractions", default="0.25,0.5", help="user fractions pretrained on (paper variant)")
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--users", type=int, default=3000, help="synthetic users")
-    p.add_argument("--tasks", help="comma-separated subset of the dataset's tasks")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     import torch

@@ -23,7 +23,6 @@ regression on counts, with bootstrap intervals and paired differences.  Cached u
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -185,19 +184,8 @@ def write(results: dict[str, dict], dataset: str, out: Path, meta: dict) -> None
 def main(argv: list[str] | None = None) -> int:
     import experiment as exp
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", choices=exp.DATASETS, required=True)
-    p.add_argument("--source", type=Path, help="MovieLens-100K files (see examples/experiment.py)")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
-    p.add_argument("--work", type=Path, help="default: runs/experiment-<dataset> (shared with experiment.py)")
-    p.add_argument("--config", type=Path)
+    p = exp.dataset_parser(__doc__.split("\n")[0])
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"any of {', '.join(VARIANTS)}")
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--users", type=int, default=3000, help="synthetic users")
-    p.add_argument("--tasks", help="comma-separated subset of the dataset's tasks")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     import platform

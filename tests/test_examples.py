@@ -311,3 +311,21 @@ def test_search_end_to_end_on_tiny_synthetic_data(tmp_path):
     assert "tuned - scratch_tuned" in t["report"]["differences"]
     assert (tmp_path / "work" / "search" / "pretrain_bag" / "model").is_dir()
     assert not (tmp_path / "work" / "search" / "pretrain_cls").exists()  # a fine-tuning switch reuses pretraining
+
+
+def test_probe_benchmark_end_to_end_on_tiny_synthetic_data(tmp_path):
+    """examples/probe.py: snapshots (0 = untrained), a user fraction, probes of embeddings and counts, the page."""
+    probe = _module(EXAMPLES / "probe.py")
+    tiny = ["model.hidden=16", "model.layers=1", "model.heads=2", "train.warmup_steps=1", "train.log_every=1",
+            "train.batch_size=16"]
+    assert probe.main(["--dataset", "synthetic", "--users", "200", "--folds", "2", "--tasks", "is_parent",
+                       "--variants", "paper", "--steps", "0,2,4", "--fractions", "0.5", "--out", str(tmp_path / "out"),
+                       "--work", str(tmp_path / "work"), "--set", *tiny]) == 0
+    doc = json.loads((tmp_path / "out" / "probe_synthetic.json").read_text())
+    t = doc["tasks"]["is_parent"]
+    assert set(t["report"]["metrics"]) == {"counts", "embedding (paper)", "counts+embedding (paper)"}
+    assert set(t["curve"]) == {"paper|0|1", "paper|2|1", "paper|4|1", "paper|4|0.5"}
+    assert all(0.0 <= v <= 1.0 for v in t["curve"].values())
+    assert "embedding (paper) - counts" in t["report"]["differences"]
+    assert (tmp_path / "out" / "probe_synthetic.png").stat().st_size > 5000
+    assert (tmp_path / "work" / "probe" / "pretrain_paper" / "model_step2").is_dir()

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.downstream.metrics import score_metrics
-from engine.downstream.tasks import FIRST_ID, PRIMARY_METRIC, TaskData, _ranges
+from engine.downstream.tasks import FIRST_ID, PRIMARY_METRIC, TaskData, _ranges, action_values
 from tokenizer.shards import TokenizedData
 
 log = logging.getLogger("userbert")
@@ -59,13 +59,7 @@ def popularity_scores(train: TaskData, n: int) -> np.ndarray:
 def item_counts(data: TokenizedData, rows: np.ndarray, attribute: str, n_items: int) -> np.ndarray:
     """float64 [len(rows), n_items]: how many of each user's actions have each value of ``attribute``
     (``segment.name``)."""
-    seg_name, _, attr = attribute.partition(".")
-    seg = data.segment(seg_name)
-    k = seg.attributes.index(attr)
-    rows = np.asarray(rows, dtype=np.int64)
-    lens = seg.user_action_offsets[rows + 1] - seg.user_action_offsets[rows]
-    ids = seg.attr_ids[_ranges(seg.user_action_offsets[rows], lens), k].astype(np.int64)
-    who = np.repeat(np.arange(len(rows)), lens)
+    who, ids = action_values(data, rows, attribute)
     out = np.zeros((len(rows), n_items), np.float64)
     np.add.at(out, (who, np.minimum(ids, n_items - 1)), 1.0)
     return out

@@ -102,16 +102,22 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         np.asarray(starts, dtype=np.int64), lengths)
 
 
-def seen_items(data: TokenizedData, rows: np.ndarray, attribute: str) -> tuple[np.ndarray, np.ndarray]:
-    """(int64 offsets [len(rows) + 1], int64 ids): the distinct ids of ``attribute`` (``segment.name``) among
-    each user's actions, in the id space of next-item scores."""
+def action_values(data: TokenizedData, rows: np.ndarray, attribute: str) -> tuple[np.ndarray, np.ndarray]:
+    """(who int64 [n_actions], ids int64 [n_actions]): for every action of the users ``rows``, the position of
+    its user in ``rows`` and its id of ``attribute`` (``segment.name``), in the id space of next-item scores."""
     seg_name, _, attr = attribute.partition(".")
     seg = data.segment(seg_name)
     k = seg.attributes.index(attr)
     rows = np.asarray(rows, dtype=np.int64)
     lens = seg.user_action_offsets[rows + 1] - seg.user_action_offsets[rows]
     ids = seg.attr_ids[_ranges(seg.user_action_offsets[rows], lens), k].astype(np.int64)
-    who = np.repeat(np.arange(len(rows), dtype=np.int64), lens)
+    return np.repeat(np.arange(len(rows), dtype=np.int64), lens), ids
+
+
+def seen_items(data: TokenizedData, rows: np.ndarray, attribute: str) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 offsets [len(rows) + 1], int64 ids): the distinct ids of ``attribute`` (``segment.name``) among
+    each user's actions, in the id space of next-item scores."""
+    who, ids = action_values(data, rows, attribute)
     pairs = np.unique(who * (int(ids.max(initial=0)) + 1) + ids)  # sorted distinct (user, id)
     who, ids = np.divmod(pairs, int(ids.max(initial=0)) + 1)
     offsets = np.concatenate([[0], np.cumsum(np.bincount(who, minlength=len(rows)))]).astype(np.int64)
