@@ -22,7 +22,7 @@ import numpy as np
 from common.atomic import atomic_write_bytes
 from engine.downstream.baselines import fit_logreg, history_scorer, popularity_scores
 from engine.downstream.metrics import bootstrap_indices, task_statistics, top_k
-from engine.downstream.tasks import FIRST_ID, PRIMARY_METRIC, Split, TaskData, mask_items
+from engine.downstream.tasks import FIRST_ID, PRIMARY_METRIC, Split, TaskData
 from tokenizer.shards import TokenizedData
 
 log = logging.getLogger("userbert")
@@ -163,7 +163,7 @@ def baseline_outputs(data: TokenizedData, td: TaskData, split: Split, names: tup
         for i in range(0, len(test), block):  # blocks: a large vocabulary never needs [n_test, V] at once
             s = scorer(test.rows[i:i + block])
             if td.task == "next":  # seen items (exclude_seen) are never ranked: popular becomes popular-unseen
-                s = top_k(mask_items(np.array(s, dtype=np.float64), test.seen_csr(), i), k, np.arange(FIRST_ID))
+                s = top_k(s, k, np.arange(FIRST_ID), test.seen_csr(), i)
             parts.append(s)
         out[name] = np.concatenate(parts) if parts else np.zeros((0, k if td.task == "next" else td.n_outputs))
     return out

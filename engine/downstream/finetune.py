@@ -50,14 +50,13 @@ from engine.data.batch import Batch
 from engine.data.collate import CollateConfig, Collator
 from engine.data.loader import eval_batches, to_device
 from engine.downstream.baselines import popularity_scores
-from engine.downstream.metrics import RANK_K, score_metrics, task_metrics
+from engine.downstream.metrics import RANK_K, mask_items, score_metrics, task_metrics
 from engine.downstream.tasks import (
     PRIMARY_METRIC,
     Split,
     Task,
     TaskData,
     make_split,
-    mask_items,
 )
 from engine.downstream.wide import WideCounts
 from engine.model.export import load_model_description, load_weights, save_model

@@ -143,16 +143,39 @@ def average_precision_at_k(ranked: np.ndarray, relevant: set[int] | np.ndarray, 
     return total / min(len(relevant), k)
 
 
-def top_k(scores: np.ndarray, k: int, exclude: np.ndarray | None = None) -> np.ndarray:
+def mask_items(scores, seen: tuple[np.ndarray, np.ndarray] | None, start: int = 0):
+    """Set ``scores[i, item] = -inf`` for the seen items of users ``start + i`` (numpy or torch, in place)."""
+    if seen is None:
+        return scores
+    offsets, ids = seen
+    n = scores.shape[0]
+    lo, hi = int(offsets[start]), int(offsets[start + n])
+    if hi > lo:
+        who = np.repeat(np.arange(n), np.diff(offsets[start:start + n + 1]))
+        item = ids[lo:hi]
+        if isinstance(scores, np.ndarray):
+            scores[who, item] = -np.inf
+        else:
+            import torch
+
+            scores[torch.from_numpy(who).to(scores.device), torch.from_numpy(item).to(scores.device)] = float("-inf")
+    return scores
+
+
+def top_k(scores: np.ndarray, k: int, exclude: np.ndarray | None = None,
+          seen: tuple[np.ndarray, np.ndarray] | None = None, start: int = 0) -> np.ndarray:
     """int64 [N, min(k, V)]: the k best item ids of each row, best first (ties: the smaller id first).
 
-    ``exclude``: item ids never ranked (the reserved padding/unknown ids).
+    ``exclude``: item ids never ranked (the reserved padding/unknown ids).  ``seen``: per-user item ids never
+    ranked either (TaskData.seen_csr(), whose user ``start + i`` is row i; :func:`mask_items`).  A user with
+    fewer than k other items gets the rest of the list filled from the excluded ones.
     """
     scores = np.array(scores, dtype=np.float64, copy=True)
     if scores.ndim != 2:
         raise ValueError(f"scores: expected a [N, V] matrix, got shape {scores.shape}")
     if exclude is not None and len(exclude):
         scores[:, np.asarray(exclude)] = -np.inf
+    mask_items(scores, seen, start)
     k_eff = min(k, scores.shape[1])
     if k_eff == 0 or scores.shape[0] == 0:
         return np.zeros((scores.shape[0], k_eff), np.int64)
@@ -328,8 +351,5 @@ def task_metrics(td: TaskData, outputs: np.ndarray, ks: tuple[int, ...] = (RANK_
 def score_metrics(td: TaskData, scores: np.ndarray) -> dict[str, float]:
     """Metrics from a full score matrix (next: [n, V] scores are ranked here, reserved ids never)."""
     if td.task == "next":
-        from engine.downstream.tasks import mask_items
-
-        scores = mask_items(np.array(scores, dtype=np.float64), td.seen_csr())  # a copy: the caller's stays
-        return task_metrics(td, top_k(scores, RANK_K, np.arange(FIRST_ID)))
+        return task_metrics(td, top_k(scores, RANK_K, np.arange(FIRST_ID), td.seen_csr()))
     return task_metrics(td, scores)

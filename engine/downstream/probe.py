@@ -37,7 +37,7 @@ from engine.downstream.baselines import (
     search_on_edges,
 )
 from engine.downstream.metrics import top_k
-from engine.downstream.tasks import FIRST_ID, Split, TaskData, mask_items
+from engine.downstream.tasks import FIRST_ID, Split, TaskData
 from tokenizer.shards import TokenizedData
 
 log = logging.getLogger("userbert")
@@ -174,7 +174,7 @@ def probe_outputs(data: TokenizedData, td: TaskData, split: Split, emb: np.ndarr
                 best, tried = KNN_GRID[1], []
             log.info("knn probe %s: k %d (validation %s)", name, best,
                      ", ".join(f"{int(v)}: {s:.4f}" for v, s in tried))
-            out[name] = top_k(mask_items(knn_scores(tx, train, sx, best), test.seen_csr()), k, np.arange(FIRST_ID))
+            out[name] = top_k(knn_scores(tx, train, sx, best), k, np.arange(FIRST_ID), test.seen_csr())
         else:
             model = fit_linear(feats.tensor(train.rows), train, feats.tensor(val.rows) if len(val) else None,
                                val if len(val) else None)

@@ -71,13 +71,10 @@ class TaskData:
         if self.split is not None:
             out.split = self.split[idx]
         if self.label_offsets is not None:
-            lens = np.diff(self.label_offsets)[idx]
-            out.label_offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-            out.label_ids = self.label_ids[_ranges(self.label_offsets[idx], lens)].astype(np.int32)
+            out.label_offsets, ids = _take_csr(self.label_offsets, self.label_ids, idx)
+            out.label_ids = ids.astype(np.int32)
         if self.seen_offsets is not None:
-            lens = np.diff(self.seen_offsets)[idx]
-            out.seen_offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-            out.seen_ids = self.seen_ids[_ranges(self.seen_offsets[idx], lens)]
+            out.seen_offsets, out.seen_ids = _take_csr(self.seen_offsets, self.seen_ids, idx)
         return out
 
     def seen_csr(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -102,6 +99,12 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         np.asarray(starts, dtype=np.int64), lengths)
 
 
+def _take_csr(offsets: np.ndarray, values: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``idx`` of a CSR (int64 offsets [n + 1], values): (int64 offsets [len(idx) + 1], their values)."""
+    lens = np.diff(offsets)[idx]
+    return np.concatenate([[0], np.cumsum(lens)]).astype(np.int64), values[_ranges(offsets[idx], lens)]
+
+
 def action_values(data: TokenizedData, rows: np.ndarray, attribute: str) -> tuple[np.ndarray, np.ndarray]:
     """(who int64 [n_actions], ids int64 [n_actions]): for every action of the users ``rows``, the position of
     its user in ``rows`` and its id of ``attribute`` (``segment.name``), in the id space of next-item scores."""
@@ -118,29 +121,10 @@ def seen_items(data: TokenizedData, rows: np.ndarray, attribute: str) -> tuple[n
     """(int64 offsets [len(rows) + 1], int64 ids): the distinct ids of ``attribute`` (``segment.name``) among
     each user's actions, in the id space of next-item scores."""
     who, ids = action_values(data, rows, attribute)
-    pairs = np.unique(who * (int(ids.max(initial=0)) + 1) + ids)  # sorted distinct (user, id)
-    who, ids = np.divmod(pairs, int(ids.max(initial=0)) + 1)
+    base = int(ids.max(initial=0)) + 1
+    who, ids = np.divmod(np.unique(who * base + ids), base)  # sorted distinct (user, id)
     offsets = np.concatenate([[0], np.cumsum(np.bincount(who, minlength=len(rows)))]).astype(np.int64)
     return offsets, ids
-
-
-def mask_items(scores, seen: tuple[np.ndarray, np.ndarray] | None, start: int = 0):
-    """Set ``scores[i, item] = -inf`` for the seen items of users ``start + i`` (numpy or torch, in place)."""
-    if seen is None:
-        return scores
-    offsets, ids = seen
-    n = scores.shape[0]
-    lo, hi = int(offsets[start]), int(offsets[start + n])
-    if hi > lo:
-        who = np.repeat(np.arange(n), np.diff(offsets[start:start + n + 1]))
-        item = ids[lo:hi]
-        if isinstance(scores, np.ndarray):
-            scores[who, item] = -np.inf
-        else:
-            import torch
-
-            scores[torch.from_numpy(who).to(scores.device), torch.from_numpy(item).to(scores.device)] = float("-inf")
-    return scores
 
 
 def _rows_text(table: pa.Table, rows: np.ndarray, limit: int = 5) -> str:
